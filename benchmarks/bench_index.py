@@ -1,0 +1,167 @@
+"""Benchmark the index kinds on synthetic clustered vectors: build time, QPS, recall@k.
+
+    python -m benchmarks.bench_index [--n 1000000] [--dim 50] [--queries 1000] [--quick]
+
+Every kind is built with its defaults from ``retrieval.index`` in one run; recall is measured
+against the exact (flat) results. A sweep of nprobe / efSearch shows the recall-speed curve
+behind the defaults. Prints a markdown table and writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+from retrieval.index import VectorIndex
+from retrieval.io import write_json
+
+KINDS = ("flat", "ivf", "hnsw")
+SWEEPS = {"ivf": ("nprobe", (8, 16, 32, 48, 64, 96, 128)),
+          "hnsw": ("ef_search", (32, 64, 128, 192, 256, 384, 512))}
+CLUSTERS = 1000
+SCALE_RANGE = (0.5, 1.5)
+
+
+def clustered_vectors(n: int, dim: int, *, seed: int = 0, clusters: int = CLUSTERS) -> np.ndarray:
+    """A gaussian mixture: centres ~ N(0, I), each cluster isotropic with std in SCALE_RANGE.
+
+    Harder than well-separated blobs (clusters overlap, neighbours are spread over several
+    IVF lists) and easier than uniform noise; queries are further draws of the same mixture.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    scales = rng.uniform(*SCALE_RANGE, size=clusters).astype(np.float32)
+    labels = rng.integers(clusters, size=n)
+    noise = rng.standard_normal((n, dim), dtype=np.float32)
+    noise *= scales[labels, None]
+    noise += centres[labels]
+    return noise
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of the exact top-k ids that ``found`` also returns."""
+    k = exact.shape[1]
+    hits = sum(len(np.intersect1d(f, e, assume_unique=True)) for f, e in zip(found[:, :k], exact))
+    return hits / exact.size
+
+
+def _batch(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    ids = index.search(queries, k).ids
+    return ids, len(queries) / (time.perf_counter() - start)
+
+
+def _single_qps(index: VectorIndex, queries: np.ndarray, k: int) -> float:
+    start = time.perf_counter()
+    for row in range(len(queries)):
+        index.search(queries[row : row + 1], k)
+    return len(queries) / (time.perf_counter() - start)
+
+
+def bench_kind(kind: str, base: np.ndarray, queries: np.ndarray, exact: np.ndarray | None,
+               args: argparse.Namespace) -> tuple[dict[str, Any], np.ndarray, VectorIndex]:
+    """Build one kind with its defaults and measure it; returns (row, top-k ids, index)."""
+    metadata = [{"key": str(i)} for i in range(len(base))]
+    start = time.perf_counter()
+    index = VectorIndex.build(base, metadata, kind=kind, metric="l2", stamp={"bench": True},
+                              use_gpu=False if args.cpu else "auto", seed=args.seed)
+    build_s = time.perf_counter() - start
+    ids, batch_qps = _batch(index, queries, args.k)
+    single_qps = _single_qps(index, queries[: args.single], args.k)
+    recall = 1.0 if exact is None else recall_at_k(ids, exact)
+    row = {"kind": kind, "params": index.search_params, "on_gpu": index.on_gpu,
+           "build_s": round(build_s, 2), "batch_qps": round(batch_qps, 1),
+           "single_qps": round(single_qps, 1), f"recall@{args.k}": round(recall, 4)}
+    return row, ids, index
+
+
+def sweep(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, k: int) -> list[dict]:
+    """Recall and batch QPS across nprobe (IVF) or efSearch (HNSW) values."""
+    if index.kind not in SWEEPS:
+        return []
+    name, values = SWEEPS[index.kind]
+    default = index.search_params[name]
+    points = []
+    for value in sorted({*values, default}):
+        index.set_search_params(**{name: value})
+        ids, qps = _batch(index, queries, k)
+        points.append({name: value, "batch_qps": round(qps, 1), "default": value == default,
+                       f"recall@{k}": round(recall_at_k(ids, exact), 4)})
+    index.set_search_params(**{name: default})
+    return points
+
+
+def markdown(rows: list[dict], sweeps: dict[str, list[dict]], k: int) -> str:
+    """The results as markdown tables."""
+    lines = [f"| kind | params | build s | batch QPS | single-query QPS | recall@{k} |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        params = ", ".join(f"{key}={value}" for key, value in row["params"].items()) or "exact"
+        lines.append(f"| {row['kind']} | {params} | {row['build_s']:.1f} | {row['batch_qps']:,.0f}"
+                     f" | {row['single_qps']:,.0f} | {row[f'recall@{k}']:.4f} |")
+    for kind, points in sweeps.items():
+        name = SWEEPS[kind][0]
+        lines += ["", f"| {kind} {name} | batch QPS | recall@{k} |", "|---:|---:|---:|"]
+        for point in points:
+            mark = " (default)" if point["default"] else ""
+            lines.append(f"| {point[name]}{mark} | {point['batch_qps']:,.0f}"
+                         f" | {point[f'recall@{k}']:.4f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="indexed vectors")
+    parser.add_argument("--dim", type=int, default=50)
+    parser.add_argument("--queries", type=int, default=1000, help="batch queries")
+    parser.add_argument("--single", type=int, default=200, help="queries timed one at a time")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true", help="never use a GPU")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false")
+    parser.add_argument("--quick", action="store_true", help="smoke run: --n 100000")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/index.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n = 100_000
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    faiss.omp_set_num_threads(args.threads)  # same thread count for every kind
+    data = clustered_vectors(args.n + args.queries, args.dim, seed=args.seed)
+    base, queries = data[: args.n], data[args.n :]
+    kinds = ["flat"] + [kind for kind in args.kinds.split(",") if kind and kind != "flat"]
+    rows, sweeps, exact = [], {}, None
+    for kind in kinds:
+        print(f"building {kind} over {args.n:,} x {args.dim} ...", flush=True)
+        row, ids, index = bench_kind(kind, base, queries, exact, args)
+        exact = ids if exact is None else exact
+        rows.append(row)
+        if args.sweep and kind in SWEEPS:
+            sweeps[kind] = sweep(index, queries, exact, args.k)
+        print(row, flush=True)
+        del index
+    config = {key: str(value) if isinstance(value, Path) else value
+              for key, value in vars(args).items()}
+    result = {"config": config, "faiss": faiss.__version__, "cpu_count": os.cpu_count(),
+              "machine": platform.machine(), "data": {"generator": "gaussian mixture",
+              "clusters": CLUSTERS, "scale_range": SCALE_RANGE}, "rows": rows, "sweeps": sweeps}
+    print(markdown(rows, sweeps, args.k))
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Streaming readers over webdataset shards: an in-order reader and a shuffled training pipeline.
+
+The training stages are plain generator functions wrapped with ``wds.pipelinefilter`` (so each can
+be tested on a list). Their randomness comes from one ``EpochSeed`` shared by the pipeline:
+the same seed and epoch give the same order, and ``make_loader`` starts a new epoch per pass.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from retrieval.data.sources import IMAGE_EXTS, wds_error_text
+from retrieval.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Exception], bool]
+
+
+@dataclass
+class Sample:
+    """One decoded shard sample."""
+
+    key: str
+    image: Image.Image
+    captions: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+def raise_data_error(exn: Exception) -> bool:
+    """Default error handler: re-raise as a one-line ``DataError`` naming the shard (and key)."""
+    if isinstance(exn, DataError):
+        if len(exn.args) > 1:  # webdataset appended (stream, url) on the way out: keep the message only
+            raise DataError(str(exn.args[0])) from None
+        raise exn
+    raise DataError(f"cannot read shard data: {wds_error_text(exn)}") from exn
+
+
+@dataclass
+class EpochSeed:
+    """The seed and epoch that all random stages of one pipeline derive their generators from."""
+
+    seed: int = 0
+    epoch: int = 0
+
+    def rng(self, stage: str, per_worker: bool = True) -> random.Random:
+        """A generator for ``stage``; per worker (and node) unless the stage must agree across them."""
+        parts: list[Any] = [self.seed, self.epoch, stage]
+        if per_worker:
+            rank, _, worker, _ = wds.utils.pytorch_worker_info()
+            parts += [rank, worker]
+        return random.Random(":".join(str(p) for p in parts))
+
+
+def _rng(seed: int | EpochSeed, stage: str, per_worker: bool = True) -> random.Random:
+    state = seed if isinstance(seed, EpochSeed) else EpochSeed(int(seed))
+    return state.rng(stage, per_worker)
+
+
+def _shuffle_shards(data: Iterable[dict], seed: int | EpochSeed = 0) -> Iterator[dict]:
+    """Shuffle the whole shard list; the same on every worker and node, so they can split it."""
+    shards = list(data)
+    _rng(seed, "shards", per_worker=False).shuffle(shards)
+    yield from shards
+
+
+def _resample_shards(data: Iterable[dict], seed: int | EpochSeed = 0) -> Iterator[dict]:
+    """Draw shards with replacement, forever (each worker draws on its own)."""
+    urls = [d["url"] for d in data]
+    if not urls:
+        return
+    rng = _rng(seed, "resample")
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def _shuffle_samples(data: Iterable[Any], bufsize: int = 1000, seed: int | EpochSeed = 0) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of ``bufsize`` items (``bufsize <= 1`` passes it through)."""
+    rng, buf = _rng(seed, "samples"), []
+    for item in data:
+        if bufsize <= 1:
+            yield item
+            continue
+        buf.append(item)
+        if len(buf) >= bufsize:
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def decode_sample(sample: dict) -> Sample:
+    """A raw tar sample (``__key__``, image member, ``json``) as a ``Sample`` with an RGB image."""
+    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise DataError(f"{where}: no image member ({', '.join(IMAGE_EXTS)})")
+    if "json" not in sample:
+        raise DataError(f"{where}: no json member")
+    try:
+        info = json.loads(sample["json"])
+        captions, meta = list(info["captions"]), dict(info.get("meta") or {})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{where}: bad json member: {type(exc).__name__}: {exc}") from None
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as raw:
+            image = raw.convert("RGB")
+    except Exception as exc:  # PIL raises many types
+        raise DataError(f"{where}: image does not decode: {(str(exc).splitlines() or ['?'])[0]}") from None
+    return Sample(key=str(info.get("key", sample["__key__"])), image=image, captions=captions, meta=meta)
+
+
+def _decode(data: Iterable[dict], handler: Handler = raise_data_error) -> Iterator[Sample]:
+    for sample in data:
+        try:
+            yield decode_sample(sample)
+        except Exception as exn:
+            if not handler(exn):
+                break
+
+
+def _pick_caption(
+    data: Iterable[Sample],
+    caption_vector: Callable[[str], np.ndarray | None],
+    seed: int | EpochSeed = 0,
+    counts: dict[str, int] | None = None,
+) -> Iterator[tuple[Sample, torch.Tensor]]:
+    """Pair each sample with the vector of one random caption that has one; drop (and count) the rest."""
+    rng = _rng(seed, "captions")
+    counts = counts if counts is not None else {}
+    for sample in data:
+        order = list(sample.captions)
+        rng.shuffle(order)
+        vector = next((v for v in map(caption_vector, order) if v is not None), None)
+        if vector is None:
+            counts["no_caption"] = counts.get("no_caption", 0) + 1
+            continue
+        counts["kept"] = counts.get("kept", 0) + 1
+        yield sample, torch.from_numpy(np.array(vector, dtype=np.float32))
+    if counts.get("no_caption"):
+        log.info("dropped %d samples with no caption vector (kept %d)", counts["no_caption"], counts.get("kept", 0))
+
+
+def _to_train_tuple(
+    data: Iterable[tuple[Sample, torch.Tensor]],
+    transform: Callable[[Image.Image], Any],
+    handler: Handler = raise_data_error,
+) -> Iterator[tuple[Any, torch.Tensor, str]]:
+    """Apply ``transform`` to the image: ``(image_tensor, vector, key)``."""
+    for sample, vector in data:
+        try:
+            image = transform(sample.image)
+        except Exception as exn:
+            err = DataError(f"sample {sample.key}: transform failed: {type(exn).__name__}: {exn}".splitlines()[0])
+            if not handler(err):
+                break
+            continue
+        yield image, vector, sample.key
+
+
+shuffle_shards = wds.pipelinefilter(_shuffle_shards)
+resample_shards = wds.pipelinefilter(_resample_shards)
+shuffle_samples = wds.pipelinefilter(_shuffle_samples)
+decode = wds.pipelinefilter(_decode)
+pick_caption = wds.pipelinefilter(_pick_caption)
+to_train_tuple = wds.pipelinefilter(_to_train_tuple)
+
+
+def _check_shards(shards: Sequence[str]) -> list[str]:
+    if isinstance(shards, str):
+        shards = [shards]
+    shards = [str(s) for s in shards]
+    if not shards:
+        raise DataError("no shards given to read")
+    return shards
+
+
+def iter_samples(shards: Sequence[str], handler: Handler = raise_data_error) -> Iterator[Sample]:
+    """Every sample of ``shards`` in order (for indexing and evaluation); no shuffling, no splitting."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(_check_shards(shards)), wds.tarfile_to_samples(handler=handler), decode(handler=handler)
+    )
+    return iter(pipeline)
+
+
+class TrainPipeline(wds.DataPipeline):
+    """A ``DataPipeline`` whose random stages share one ``EpochSeed``; ``set_epoch`` reshuffles."""
+
+    def __init__(self, *stages: Any, seed_state: EpochSeed, counts: dict[str, int]) -> None:
+        super().__init__(*stages)
+        self.seed_state = seed_state
+        self.counts = counts
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s shard order, sample order and caption choice on the next pass."""
+        self.seed_state.epoch = int(epoch)
+
+
+def make_train_pipeline(
+    shards: Sequence[str],
+    *,
+    transform: Callable[[Image.Image], Any],
+    caption_vector: Callable[[str], np.ndarray | None],
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    resampled: bool = False,
+    handler: Handler = raise_data_error,
+) -> TrainPipeline:
+    """Shuffled training samples ``(image_tensor, vector float32, key)`` from ``shards``.
+
+    Stages: shard shuffle (or resampling), split by node and worker, tar reading, buffered sample
+    shuffle, decoding to RGB, one random caption with a known vector (samples with none are
+    dropped and counted in ``pipeline.counts`` — per process), ``transform``. With ``resampled``
+    the stream is endless (use ``.with_epoch(n)``). ``handler`` gets every error (default: raise).
+    """
+    state = EpochSeed(seed)
+    counts: dict[str, int] = {}
+    if resampled:
+        shard_stages = [resample_shards(seed=state)]
+    else:
+        shard_stages = [shuffle_shards(seed=state), wds.split_by_node, wds.split_by_worker]
+    return TrainPipeline(
+        wds.SimpleShardList(_check_shards(shards)),
+        *shard_stages,
+        wds.tarfile_to_samples(handler=handler),
+        shuffle_samples(bufsize=shuffle_buffer, seed=state),
+        decode(handler=handler),
+        pick_caption(caption_vector, seed=state, counts=counts),
+        to_train_tuple(transform, handler=handler),
+        seed_state=state,
+        counts=counts,
+    )
+
+
+class EpochLoader(wds.WebLoader):
+    """A ``WebLoader`` that starts epoch 0, 1, 2… of its pipeline on each pass."""
+
+    def __init__(self, pipeline: wds.DataPipeline, **kwargs: Any) -> None:
+        super().__init__(pipeline, **kwargs)
+        self.train_pipeline = pipeline
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        if hasattr(self.train_pipeline, "set_epoch"):
+            self.train_pipeline.set_epoch(self.epoch)
+        self.epoch += 1
+        return _one_line_errors(super().__iter__())
+
+
+def _one_line_errors(batches: Iterator[Any]) -> Iterator[Any]:
+    """Undo the traceback that DataLoader workers wrap around a ``DataError``: keep its one line."""
+    try:
+        yield from batches
+    except DataError as exc:
+        lines = str(exc).strip().splitlines()
+        if len(lines) <= 1:
+            raise
+        raise DataError(re.sub(r"^[\w.]*DataError: ", "", lines[-1])) from exc
+
+
+def collate_batch(samples: Sequence[tuple[Any, torch.Tensor, str]]) -> tuple[Any, torch.Tensor, list[str]]:
+    """``(image, vector, key)`` tuples → ``(images (B, ...), vectors (B, D), keys list)``."""
+    images, vectors, keys = zip(*samples)
+    return torch.utils.data.default_collate(list(images)), torch.stack(vectors), list(keys)
+
+
+def make_loader(pipeline: wds.DataPipeline, batch_size: int, num_workers: int = 0) -> EpochLoader:
+    """Batches ``(images (B, ...), vectors (B, D), keys list)``; each worker reads its own shards.
+
+    Batches are built per worker (the last one of a worker may be short). Each pass over the
+    loader is the next epoch of ``pipeline`` (fresh, reproducible shuffles).
+    """
+    return EpochLoader(
+        pipeline, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_batch, persistent_workers=False
+    )

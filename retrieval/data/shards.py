@@ -1,0 +1,201 @@
+"""Write records into webdataset tar shards (``train-NNNNNN.tar``, ``val-NNNNNN.tar``) plus a manifest.
+
+Each sample holds ``__key__``, the original image bytes under their extension (never re-encoded)
+and ``json`` = {"key", "captions", "meta"}. The output folder appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from retrieval.data.sources import Record, check_unique_keys
+from retrieval.errors import ConfigError, DataError
+from retrieval.io import atomic_dir, write_json
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "retrieval-shards/1"
+SPLITS = ("train", "val")
+_VAL_NAMES = ("val", "validation", "test")
+
+
+@dataclass
+class ShardManifest:
+    """What ``write_shards`` wrote: per-split sample/caption counts, shard file names and the split rule."""
+
+    counts: dict[str, int]
+    captions: dict[str, int]
+    shards: dict[str, list[str]]
+    source: str = ""
+    shard_size: int = 1000
+    split: dict[str, Any] = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_manifest(shard_dir: str | os.PathLike) -> ShardManifest:
+    """Load ``manifest.json`` from a shard folder; missing or malformed → DataError."""
+    path = Path(shard_dir) / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: manifest not found (not a shard folder?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read manifest: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    for name in ("counts", "captions", "shards"):
+        if not isinstance(data.get(name), dict):
+            raise DataError(f"{path}: field {name!r} is missing or not an object")
+    known = set(ShardManifest.__dataclass_fields__)
+    return ShardManifest(**{k: v for k, v in data.items() if k in known})
+
+
+def list_shards(shard_dir: str | os.PathLike, split: str) -> list[str]:
+    """Sorted paths of ``{split}-*.tar`` in ``shard_dir``; no folder or no shards → DataError."""
+    folder = Path(shard_dir)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: shard folder not found (looking for {split!r} shards)")
+    paths = sorted(folder.glob(f"{split}-*.tar"))
+    if not paths:
+        raise DataError(f"{folder}: no {split!r} shards ({split}-NNNNNN.tar)")
+    return [str(p) for p in paths]
+
+
+def hash_split(key: str, val_fraction: float, split_seed: int = 0) -> str:
+    """``"val"`` or ``"train"`` from a sha1 of (seed, key): stable and independent of record order."""
+    digest = hashlib.sha1(f"{split_seed}:{key}".encode("utf-8")).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction else "train"
+
+
+def assign_split(record: Record, split_by: str = "hash", val_fraction: float = 0.2, split_seed: int = 0) -> str:
+    """The split of one record: by key hash, or by the meta field named ``split_by``."""
+    if split_by == "hash":
+        return hash_split(record.key, val_fraction, split_seed)
+    where = record.origin or f"key {record.key}"
+    if split_by not in record.meta:
+        raise DataError(f"{where}: meta field {split_by!r} (split_by) is missing")
+    value = str(record.meta[split_by]).strip().lower()
+    if value == "train":
+        return "train"
+    if value in _VAL_NAMES:
+        return "val"
+    raise DataError(
+        f"{where}: meta field {split_by!r} is {record.meta[split_by]!r}; want train, val, validation or test"
+    )
+
+
+def _verify_image(record: Record) -> None:
+    try:
+        with Image.open(io.BytesIO(record.image_bytes)) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{record.origin or record.key}: image does not decode (key {record.key}): {reason}") from None
+
+
+def _sample(record: Record) -> dict[str, Any]:
+    try:
+        payload = json.dumps(
+            {"key": record.key, "captions": list(record.captions), "meta": record.meta}, ensure_ascii=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{record.origin or record.key}: meta is not JSON-serialisable: {exc}") from None
+    return {"__key__": record.key, record.image_ext: record.image_bytes, "json": payload.encode("utf-8")}
+
+
+class _SplitWriters:
+    """One ``wds.ShardWriter`` per split, opened on the split's first sample (no empty shards)."""
+
+    def __init__(self, folder: Path, shard_size: int) -> None:
+        self.folder, self.shard_size = folder, shard_size
+        self.writers: dict[str, wds.ShardWriter] = {}
+        self.counts = {s: 0 for s in SPLITS}
+        self.captions = {s: 0 for s in SPLITS}
+        self.names: dict[str, list[str]] = {s: [] for s in SPLITS}
+
+    def write(self, split: str, record: Record) -> None:
+        if split not in self.writers:
+            pattern = str(self.folder).replace("%", "%%") + os.sep + f"{split}-%06d.tar"
+            names = self.names[split]
+            self.writers[split] = wds.ShardWriter(
+                pattern,
+                maxcount=self.shard_size,
+                maxsize=float("inf"),
+                verbose=0,
+                post=lambda fname: names.append(os.path.basename(fname)),
+                encoder=False,
+                mtime=0.0,
+            )
+        self.writers[split].write(_sample(record))
+        self.counts[split] += 1
+        self.captions[split] += len(record.captions)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
+
+
+def _check_args(shard_size: int, val_fraction: float, split_by: str) -> None:
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ConfigError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ConfigError(f"val_fraction must be between 0 and 1, got {val_fraction!r}")
+    if not split_by:
+        raise ConfigError("split_by must be 'hash' or a meta field name, got an empty string")
+
+
+def write_shards(
+    records: Iterable[Record],
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 1000,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    split_by: str = "hash",
+    source: str = "",
+    progress: bool = True,
+) -> ShardManifest:
+    """Write ``records`` as train/val tar shards plus ``manifest.json`` into ``out_dir``, atomically.
+
+    ``split_by="hash"`` splits by a seeded hash of the key (``val_fraction`` of records go to val);
+    any other value names a meta field whose value is train or val/validation/test. Every image is
+    checked with PIL ``verify()``; keys must be unique. Any failure leaves ``out_dir`` untouched.
+    """
+    _check_args(shard_size, val_fraction, split_by)
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        writers = _SplitWriters(tmp, shard_size)
+        with contextlib.closing(writers):
+            bar = tqdm(check_unique_keys(records), desc=f"writing {out.name}", unit="img", disable=not progress)
+            for record in bar:
+                _verify_image(record)
+                writers.write(assign_split(record, split_by, val_fraction, split_seed), record)
+        if sum(writers.counts.values()) == 0:
+            raise DataError(f"{source or out}: no records to write")
+        split_rule: dict[str, Any] = {"by": split_by}
+        if split_by == "hash":
+            split_rule.update(val_fraction=val_fraction, seed=split_seed, hash="sha1")
+        manifest = ShardManifest(
+            counts=writers.counts,
+            captions=writers.captions,
+            shards=writers.names,
+            source=source,
+            shard_size=shard_size,
+            split=split_rule,
+        )
+        write_json(tmp / MANIFEST, manifest.to_json())
+    return manifest

@@ -1,0 +1,349 @@
+"""Caption sources: readers that lazily yield one ``Record`` (image bytes + captions) per image.
+
+Supported inputs: a JSON-lines file, a CSV file, a COCO captions json and img2dataset output
+(``files`` or ``webdataset`` layout). Every reader fails with a one-line ``DataError`` that
+names the file and the line or field at fault.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import webdataset as wds
+
+from retrieval.errors import ConfigError, DataError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image with its captions; ``origin`` (file and line) is only used in error messages."""
+
+    key: str
+    image_bytes: bytes
+    image_ext: str
+    captions: tuple[str, ...]
+    meta: dict
+    origin: str = field(default="", compare=False, repr=False)
+
+
+def make_key(name: str) -> str:
+    """A webdataset-safe key from a file stem or id: no dots, slashes or spaces."""
+    return _KEY_UNSAFE.sub("_", str(name)).strip("_")
+
+
+def check_unique_keys(records: Iterable[Record]) -> Iterator[Record]:
+    """Pass records through; a key seen twice raises ``DataError`` naming both origins."""
+    seen: dict[str, str] = {}
+    for record in records:
+        if record.key in seen:
+            raise DataError(
+                f"duplicate key {record.key!r}: {seen[record.key] or '?'} and {record.origin or '?'}"
+            )
+        seen[record.key] = record.origin
+        yield record
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _image_ext(path: Path, where: str) -> str:
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in IMAGE_EXTS:
+        raise DataError(f"{where}: not an image file name (want one of {', '.join(IMAGE_EXTS)}): {path.name}")
+    return "jpg" if ext == "jpeg" else ext
+
+
+def _read_image(path: Path, where: str) -> tuple[bytes, str]:
+    ext = _image_ext(path, where)
+    try:
+        return path.read_bytes(), ext
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file not found: {path}") from None
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read image {path}: {_one_line(exc)}") from None
+
+
+def _captions(value: Any, where: str, name: str) -> tuple[str, ...]:
+    """Validate a caption field (a string or a list of strings); empty → DataError."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise DataError(f"{where}: field {name!r} is missing or empty")
+    for i, caption in enumerate(items):
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(f"{where}: field {name!r} item {i} is not a non-empty string")
+    return tuple(c.strip() for c in items)
+
+
+def _make_record(
+    image_path: Path, captions: tuple[str, ...], meta: dict, where: str, key: str | None = None
+) -> Record:
+    data, ext = _read_image(image_path, where)
+    safe = make_key(key if key is not None else image_path.stem)
+    if not safe:
+        raise DataError(f"{where}: cannot derive a key from {image_path.name!r}")
+    return Record(safe, data, ext, captions, meta, origin=where)
+
+
+def records_from_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Record]:
+    """Records from JSON lines with ``image`` and ``captions`` (list) or ``caption`` (str).
+
+    ``image`` is relative to ``image_root`` (default: the jsonl's folder); other fields go to meta.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    return check_unique_keys(_jsonl_records(path, root))
+
+
+def _jsonl_records(path: Path, root: Path) -> Iterator[Record]:
+    try:
+        lines = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open captions file: {_one_line(exc)}") from None
+    with lines:
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: bad JSON line: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            image = obj.get("image")
+            if not isinstance(image, str) or not image:
+                raise DataError(f"{where}: field 'image' is missing or not a string")
+            name = "captions" if "captions" in obj else "caption"
+            captions = _captions(obj.get(name), where, name)
+            meta = {k: v for k, v in obj.items() if k not in ("image", "captions", "caption")}
+            yield _make_record(root / image, captions, meta, f"{where} ({image})")
+
+
+def records_from_csv(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Record]:
+    """Records from a CSV with ``image`` and ``caption`` columns; rows of one image are grouped.
+
+    Images keep first-seen order; other columns (from an image's first row) go to meta.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    return check_unique_keys(_csv_records(path, root))
+
+
+def _csv_records(path: Path, root: Path) -> Iterator[Record]:
+    groups: dict[str, tuple[int, list[str], dict]] = {}
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("image", "caption") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: CSV header lacks column {missing[0]!r}")
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                image, caption = (row.get("image") or "").strip(), row.get("caption")
+                if not image:
+                    raise DataError(f"{where}: column 'image' is empty")
+                if caption is None or not caption.strip():
+                    raise DataError(f"{where}: column 'caption' is empty")
+                if image not in groups:
+                    meta = {k: v for k, v in row.items() if k not in ("image", "caption") and k}
+                    groups[image] = (reader.line_num, [], meta)
+                groups[image][1].append(caption.strip())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read CSV: {_one_line(exc)}") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: bad CSV: {_one_line(exc)}") from None
+    for image, (lineno, captions, meta) in groups.items():
+        yield _make_record(root / image, tuple(captions), meta, f"{path}:{lineno} ({image})")
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with path.open(encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open: {_one_line(exc)}") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: bad JSON at line {exc.lineno}: {exc.msg}") from None
+
+
+def records_from_coco(captions_json: str | os.PathLike, image_dir: str | os.PathLike) -> Iterator[Record]:
+    """Records from a COCO captions json (``images`` + ``annotations``), in ``images`` order.
+
+    Meta keeps ``coco_id`` and, where present, license id/name/url and the source urls.
+    """
+    path = Path(captions_json)
+    return check_unique_keys(_coco_records(path, Path(image_dir)))
+
+
+def _coco_records(path: Path, image_dir: Path) -> Iterator[Record]:
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations'")
+    for name in ("images", "annotations"):
+        if not isinstance(data.get(name), list):
+            raise DataError(f"{path}: field {name!r} is missing or not a list")
+    licenses = {lic.get("id"): lic for lic in data.get("licenses") or [] if isinstance(lic, dict)}
+    captions: dict[Any, list[str]] = {}
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise DataError(f"{path}: annotations[{i}] lacks field 'image_id'")
+        caption = ann.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(f"{path}: annotations[{i}]: field 'caption' is missing or empty")
+        captions.setdefault(ann["image_id"], []).append(caption.strip())
+    for i, image in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
+        if not isinstance(image, dict) or "id" not in image or not image.get("file_name"):
+            raise DataError(f"{where} lacks field 'id' or 'file_name'")
+        where = f"{where} ({image['file_name']})"
+        if image["id"] not in captions:
+            raise DataError(f"{where}: no captions in 'annotations' for image id {image['id']}")
+        yield _make_record(
+            image_dir / image["file_name"], tuple(captions[image["id"]]), _coco_meta(image, licenses), where
+        )
+
+
+def _coco_meta(image: dict, licenses: dict) -> dict:
+    meta: dict[str, Any] = {"coco_id": image["id"]}
+    if "license" in image:
+        lic = licenses.get(image["license"], {})
+        meta["license_id"] = image["license"]
+        if "name" in lic:
+            meta["license"] = lic["name"]
+        if "url" in lic:
+            meta["license_url"] = lic["url"]
+    for name in ("flickr_url", "coco_url"):
+        if name in image:
+            meta[name] = image[name]
+    return meta
+
+
+def records_from_img2dataset(path: str | os.PathLike) -> Iterator[Record]:
+    """Records from img2dataset output: ``files`` layout (``00000/key.jpg`` + ``.txt`` + ``.json``)
+    or ``webdataset`` layout (``*.tar``). Entries whose json status is not ``success`` are skipped.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".tar":
+        return check_unique_keys(_img2dataset_tars([path]))
+    if not path.is_dir():
+        raise DataError(f"{path}: img2dataset output folder not found")
+    tars = sorted(path.glob("*.tar"))
+    if tars:
+        return check_unique_keys(_img2dataset_tars(tars))
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    if not folders:
+        raise DataError(f"{path}: no img2dataset output (expected NNNNN/ folders or *.tar shards)")
+    return check_unique_keys(_img2dataset_files(folders))
+
+
+def _img2dataset_entry(
+    meta_json: bytes | None, caption_txt: bytes | None, where: str
+) -> tuple[tuple[str, ...], dict] | None:
+    """Captions and meta of one img2dataset entry, or None when its status is not success."""
+    meta: dict = {}
+    if meta_json is not None:
+        try:
+            meta = json.loads(meta_json)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{where}.json: bad JSON: {_one_line(exc)}") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{where}.json: expected a JSON object")
+        if meta.get("status", "success") != "success":
+            return None
+    if caption_txt is not None:
+        caption: Any = caption_txt.decode("utf-8", errors="replace")
+        name = f"{where}.txt"
+    elif "caption" in meta:
+        caption, name = meta["caption"], f"{where}.json"
+    else:
+        raise DataError(f"{where}.txt: caption file missing (and no 'caption' field in its .json)")
+    captions = _captions(caption, name, "caption")
+    return captions, {k: v for k, v in meta.items() if k != "caption"}
+
+
+def _img2dataset_files(folders: list[Path]) -> Iterator[Record]:
+    for folder in folders:
+        for image in sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS):
+            stem = image.with_suffix("")
+            txt, js = stem.with_suffix(".txt"), stem.with_suffix(".json")
+            entry = _img2dataset_entry(
+                js.read_bytes() if js.exists() else None, txt.read_bytes() if txt.exists() else None, str(stem)
+            )
+            if entry is not None:
+                yield _make_record(image, entry[0], entry[1], str(image))
+
+
+_AT_STREAM = re.compile(r" @ <[^>]*?name='([^']*)'[^>]*>")
+
+
+def wds_error_text(exc: BaseException) -> str:
+    """One line from an exception raised inside webdataset, naming the shard when it is known.
+
+    webdataset appends the shard url (and stream) to ``exc.args`` or ``" @ <stream>"`` to the message.
+    """
+    args = getattr(exc, "args", ())
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(args[0]) if args else ""
+    text = (text.strip().splitlines() or [type(exc).__name__])[0]
+    urls = [a for a in args[1:] if isinstance(a, str)]
+    match = _AT_STREAM.search(text)
+    if match:
+        text = text[: match.start()] + text[match.end() :]
+        urls.append(match.group(1))
+    return f"{urls[-1]}: {text}" if urls and urls[-1] not in text else text
+
+
+def _img2dataset_tars(tars: list[Path]) -> Iterator[Record]:
+    samples = wds.DataPipeline(wds.SimpleShardList([str(t) for t in tars]), wds.tarfile_to_samples())
+    try:
+        for sample in samples:
+            record = _tar_record(sample)
+            if record is not None:
+                yield record
+    except (OSError, ValueError, EOFError, tarfile.TarError) as exc:
+        raise DataError(f"cannot read img2dataset tar: {wds_error_text(exc)}") from None
+
+
+def _tar_record(sample: dict) -> Record | None:
+    where = f"{sample['__url__']}:{sample['__key__']}"
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise DataError(f"{where}: no image member ({', '.join(IMAGE_EXTS)})")
+    entry = _img2dataset_entry(sample.get("json"), sample.get("txt"), where)
+    if entry is None:
+        return None
+    key = make_key(os.path.basename(sample["__key__"]))
+    return Record(key, sample[ext], "jpg" if ext == "jpeg" else ext, entry[0], entry[1], origin=where)
+
+
+SOURCES: dict[str, Callable[..., Iterator[Record]]] = {
+    "jsonl": records_from_jsonl,
+    "csv": records_from_csv,
+    "coco": records_from_coco,
+    "img2dataset": records_from_img2dataset,
+}
+
+
+def open_source(kind: str, path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Record]:
+    """Records of one source by kind; coco's images default to the json's folder, img2dataset ignores image_root."""
+    if kind not in SOURCES:
+        raise ConfigError(f"unknown source kind {kind!r}; choose one of: {', '.join(SOURCES)}")
+    if kind == "img2dataset":
+        return records_from_img2dataset(path)
+    if kind == "coco":
+        return records_from_coco(path, image_root if image_root is not None else Path(path).parent)
+    return SOURCES[kind](path, image_root)

@@ -1,0 +1,69 @@
+"""Encode the images of a shard set: eval transforms, batched forward passes, a progress bar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+from retrieval.data import iter_samples
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Resize the short side, center-crop, normalise: what every image sees outside training."""
+    return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
+                      T.Normalize(mean, std)])
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Light augmentation for end-to-end fine-tuning."""
+    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.6, 1.0)), T.RandomHorizontalFlip(),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+@dataclass
+class EncodedCollection:
+    """Per-image outputs of a shard set, in shard order, with what the index needs to show them."""
+
+    vectors: torch.Tensor  # (N, F) backbone features or (N, D) embeddings
+    keys: list[str]
+    captions: list[list[str]]
+    meta: list[dict]
+
+
+@torch.no_grad()
+def encode_shards(shards: Sequence[str], forward: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
+                  *, batch_size: int = 32, device: str = "cpu", desc: str = "encoding images") -> EncodedCollection:
+    """Run ``forward`` over every image of ``shards`` (in order) and keep captions and metadata."""
+    outputs, keys, captions, meta, batch = [], [], [], [], []
+
+    def flush() -> None:
+        if batch:
+            outputs.append(forward(torch.stack(batch).to(device)).float().cpu())
+            batch.clear()
+
+    for sample in tqdm(iter_samples(shards), desc=desc, unit="img", leave=False):
+        batch.append(transform(sample.image))
+        keys.append(sample.key)
+        captions.append(list(sample.captions))
+        meta.append(dict(sample.meta))
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    vectors = torch.cat(outputs) if outputs else torch.zeros(0, 0)
+    return EncodedCollection(vectors, keys, captions, meta)
+
+
+def caption_pairs(captions: Sequence[Sequence[str]], encode_batch: Callable) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Every known caption of a collection: (vectors (M, D), owning image index (M,), OOV stats).
+
+    ``captions[i]`` are the captions of image ``i``; captions with no known word are left out.
+    """
+    flat = [caption for image_captions in captions for caption in image_captions]
+    owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+    vectors, known, stats = encode_batch(flat)
+    return vectors[known], owner[known], stats

@@ -1,0 +1,21 @@
+"""User-facing errors: each carries one line that names the offending file or field."""
+
+
+class RetrievalError(Exception):
+    """An error caused by the user's input (a file, a config field, a query).
+
+    The command-line entry point prints ``str(error)`` as a single line and exits with
+    status 2 instead of showing a traceback.
+    """
+
+
+class ConfigError(RetrievalError):
+    """A config file or ``--set`` override is invalid."""
+
+
+class DataError(RetrievalError):
+    """An input data file (captions, images, shards, vectors) is missing or malformed."""
+
+
+class QueryError(RetrievalError):
+    """A search query cannot be answered (e.g. none of its words are known)."""

@@ -1,0 +1,42 @@
+"""``circle`` (Sun et al. 2020, "Circle Loss"): pytorch-metric-learning's ``CircleLoss`` wrapped.
+
+Run with the caption vectors as ``ref_emb`` and a *copy* of the labels as ``ref_labels``: every
+(image, caption) pair, diagonal kept as a positive. Cosine similarity; pml's default
+``AvgNonZeroReducer`` over image anchors.
+
+Logged: distances are cosine distances ``1 - cos`` over all pairs; active fraction = pairs not yet
+past their decision margin (positives with ``s_p < 1 - m``, negatives with ``s_n > m``).
+Search: :meth:`embed` L2-normalises and ``search_metric`` is ``cosine``: search normalises captions and queries too.
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.losses import CircleLoss as PmlCircleLoss
+
+from retrieval.losses.base import CrossModalLoss, LossOutput
+from retrieval.losses.miners import cosine_matrix, split_pairs
+from retrieval.losses.registry import LOSSES
+
+
+@LOSSES.register("circle")
+class CircleLoss(CrossModalLoss):
+    """Self-paced weighting of each similarity toward its own optimum (``m``: relaxation, ``gamma``: scale)."""
+
+    search_metric = "cosine"  # embed() is unit-norm; captions and queries are normalised too
+
+    def __init__(self, m: float = 0.4, gamma: float = 80.0) -> None:
+        super().__init__()
+        self.m = m
+        # Sun et al. 2020: log(1 + sum_N e^{g a_n (s_n - D_n)} sum_P e^{-g a_p (s_p - D_p)})
+        self.pml_loss = PmlCircleLoss(m=m, gamma=gamma)
+
+    def embed(self, outputs: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(outputs, dim=1)
+
+    def compute(self, image_emb, text_emb, labels):
+        value = self.pml_loss(image_emb, labels, ref_emb=text_emb, ref_labels=labels.clone())
+        with torch.no_grad():
+            positive, negative = split_pairs(cosine_matrix(image_emb, text_emb), labels)
+            active = torch.cat([positive < 1.0 - self.m, negative > self.m])
+        return LossOutput.from_terms(value, active, 1.0 - positive, 1.0 - negative)

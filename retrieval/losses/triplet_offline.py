@@ -1,0 +1,96 @@
+"""``triplet-offline``: the text-anchored triplet with negatives from a precomputed far-caption bank.
+
+:meth:`prepare` stores every training caption vector; :meth:`refresh_bank` (the trainer calls it
+once per epoch) keeps, for each training caption, the ``bank_size`` farthest caption vectors in
+word-vector space, searched among all captions or, with ``pool_size``, among a fresh random pool
+of that many captions (what makes a per-epoch refresh change anything: the vectors are frozen).
+Each batch row's negative ``t-`` is drawn uniformly from its caption's bank, so it can come from
+anywhere in the training set, not only the batch.
+
+Batch rows are matched to training captions by their exact vector bytes (the trainer feeds the
+same frozen vectors it passed to ``prepare``); a row not found (e.g. a validation caption) falls
+back to the batch's farthest caption, as ``triplet --negatives hard`` does. Bank entries are not
+checked against labels: with class labels a far caption may share the class (rare by construction).
+Written here: pytorch-metric-learning has no word-vector-space negative banks.
+
+Logged: active fraction = rows with non-zero loss; distances = L2 to ``t+`` and to the drawn ``t-``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from retrieval.errors import ConfigError
+from retrieval.losses.base import CrossModalLoss, LossOutput
+from retrieval.losses.miners import farthest_bank, sample_from_bank
+from retrieval.losses.registry import LOSSES
+from retrieval.losses.triplet import pairwise_distance
+from retrieval.negatives import HardNegatives
+
+
+def _row_keys(vectors: torch.Tensor) -> list[bytes]:
+    """Exact byte keys of float32 CPU rows (the lookup that matches batch rows to training rows)."""
+    array = vectors.detach().to("cpu", torch.float32).contiguous().numpy()
+    return [row.tobytes() for row in array]
+
+
+@LOSSES.register("triplet-offline")
+class OfflineBankTripletLoss(CrossModalLoss):
+    """``[m + d(f(i), t+) - d(f(i), t-)]_+`` with ``t-`` drawn from ``t+``'s far-caption bank."""
+
+    def __init__(
+        self,
+        margin: float = 1.0,
+        squared: bool = False,
+        bank_size: int = 16,
+        pool_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if bank_size < 1 or (pool_size is not None and pool_size <= bank_size):
+            raise ConfigError(f"triplet-offline needs 1 <= bank_size < pool_size, got {bank_size} and {pool_size}")
+        self.margin, self.squared = margin, squared
+        self.bank_size, self.pool_size = bank_size, pool_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vectors: torch.Tensor | None = None
+        self.bank: torch.Tensor | None = None
+        self._index: dict[bytes, int] = {}
+
+    def prepare(self, caption_vectors: torch.Tensor) -> None:
+        self.vectors = caption_vectors.detach().to("cpu", torch.float32)
+        self._index = {key: row for row, key in enumerate(_row_keys(self.vectors))}
+        self.refresh_bank()
+
+    def refresh_bank(self) -> None:
+        """Recompute every caption's bank of ``bank_size`` farthest captions (call once per epoch)."""
+        if self.vectors is None:
+            raise ConfigError("loss 'triplet-offline' needs prepare(caption_vectors) before training")
+        count = len(self.vectors)
+        pool = None
+        if self.pool_size is not None and self.pool_size < count:
+            pool = torch.randperm(count, generator=self.generator)[: self.pool_size]
+        self.bank = farthest_bank(self.vectors, min(self.bank_size, count - 1), pool)
+
+    def negatives(self, text_emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One negative caption vector per row: from the bank, else the batch's farthest caption."""
+        if self.vectors is None or self.bank is None:
+            raise ConfigError("loss 'triplet-offline' needs prepare(caption_vectors) before training")
+        rows = torch.tensor([self._index.get(key, -1) for key in _row_keys(text_emb)])
+        found = rows >= 0
+        negative = torch.empty_like(text_emb)
+        if bool(found.any()):
+            drawn = sample_from_bank(self.bank, rows[found], self.generator)
+            negative[found.to(text_emb.device)] = self.vectors[drawn].to(text_emb)
+        if not bool(found.all()):
+            fallback = HardNegatives()(text_emb, labels)
+            missing = (~found).to(text_emb.device)
+            negative[missing] = text_emb[fallback[missing]]
+        return negative
+
+    def compute(self, image_emb, text_emb, labels):
+        negative = self.negatives(text_emb, labels)
+        d_pos = pairwise_distance(image_emb, text_emb, self.squared)
+        d_neg = pairwise_distance(image_emb, negative, self.squared)
+        # the text-anchored triplet of retrieval.losses.triplet: [m + d(f,t+) - d(f,t-)]_+
+        per_row = torch.relu(self.margin + d_pos - d_neg)
+        return LossOutput.from_terms(per_row.mean(), per_row > 0, d_pos, d_neg)

@@ -1,0 +1,176 @@
+"""Search over a built index: text→image, image→text (captions and words), image→image, arithmetic.
+
+A :class:`Searcher` joins a trained checkpoint (image encoder + frozen text side) with the faiss
+index of a collection that the same checkpoint produced; a mismatch is refused when loading.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gensim.parsing.preprocessing import STOPWORDS
+from PIL import Image
+
+from retrieval.checkpoint import LoadedModel, load_checkpoint
+from retrieval.embed import eval_transform
+from retrieval.errors import DataError, QueryError
+from retrieval.index import VectorIndex
+from retrieval.text import tokenize
+
+IMAGE_INDEX_DIR = "images"
+CAPTION_INDEX_DIR = "captions"
+VOCABULARY_FILE = "vocabulary.json"
+_ARITHMETIC = re.compile(r"\s[+-]\s|^\s*-")
+
+
+@dataclass(frozen=True)
+class ImageHit:
+    """One image result: its key, score (higher is better), captions and thumbnail file."""
+
+    key: str
+    score: float
+    captions: list[str]
+    thumbnail: str | None
+
+
+@dataclass(frozen=True)
+class TextHit:
+    """One text result: a caption of the collection or a vocabulary word."""
+
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ImageToText:
+    """What an image query returns: nearest captions of the collection and nearest words."""
+
+    captions: list[TextHit]
+    words: list[TextHit]
+
+
+def stamp_for(model: LoadedModel) -> dict:
+    """Identity of the model and word vectors that embed a collection."""
+    return {"model": model.checkpoint_fingerprint, "vectors": model.vectors_fingerprint}
+
+
+class Searcher:
+    """Answers queries against one index directory with one checkpoint."""
+
+    def __init__(self, model: LoadedModel, images: VectorIndex, captions: VectorIndex, index_dir: Path) -> None:
+        self.model = model
+        self.images = images
+        self.captions = captions
+        self.index_dir = Path(index_dir)
+        self._load_vocabulary()
+        self.transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
+
+    @classmethod
+    def open(cls, checkpoint: str | Path, index_dir: str | Path, device: str = "cpu") -> "Searcher":
+        """Load a checkpoint and the index it produced (a different model or vector set is refused)."""
+        model = load_checkpoint(checkpoint, device=device)
+        index_dir = Path(index_dir)
+        if not (index_dir / IMAGE_INDEX_DIR).is_dir():
+            raise DataError(f"no index in {index_dir}; build one with `retrieval index`")
+        stamp = stamp_for(model)
+        images = VectorIndex.load(index_dir / IMAGE_INDEX_DIR, expected_stamp=stamp)
+        captions = VectorIndex.load(index_dir / CAPTION_INDEX_DIR, expected_stamp=stamp)
+        return cls(model, images, captions, index_dir)
+
+    def _load_vocabulary(self) -> None:
+        """Content words of the collection's captions, centred on the mean caption vector.
+
+        Centring removes the direction every caption mean shares (frequent words); without it the
+        nearest words of any image are words like "making", "way", "time".
+        """
+        path = self.index_dir / VOCABULARY_FILE
+        try:
+            saved = json.loads(path.read_text())
+            self.words, self.caption_center = saved["words"], np.asarray(saved["center"], dtype=np.float32)
+        except (OSError, ValueError, KeyError):
+            raise DataError(f"{path} is missing or unreadable; rebuild the index with `retrieval index`") from None
+        vectors = self.model.caption_encoder.vectors
+        centred = np.stack([vectors[w] for w in self.words]) - self.caption_center if self.words else np.zeros((0, 1))
+        self.word_matrix = centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+
+    # -- query vectors ------------------------------------------------------------------------
+    def text_vector(self, query: str) -> np.ndarray:
+        """A query in caption-vector space; ``a - b + c`` is word arithmetic."""
+        if not query.strip():
+            raise QueryError("empty query: type some words")
+        encoder = self.model.caption_encoder
+        if _ARITHMETIC.search(query):
+            return encoder.encode_arithmetic(query)
+        return encoder.encode_query(query)
+
+    def image_vector(self, image: Image.Image | str | Path) -> np.ndarray:
+        """An image (PIL or file) in the search space."""
+        if not isinstance(image, Image.Image):
+            try:
+                image = Image.open(image)
+                image.load()
+            except (OSError, ValueError) as error:
+                raise QueryError(f"cannot read image {image}: {type(error).__name__}") from None
+        pixels = self.transform(image.convert("RGB")).unsqueeze(0).to(next(self.model.encoder.parameters()).device)
+        return self.model.embed_images(pixels)[0].cpu().numpy()
+
+    # -- queries ------------------------------------------------------------------------------
+    def _query(self, vector: np.ndarray) -> np.ndarray:
+        """One query row; unit length when the index compares by cosine (inner product)."""
+        row = np.asarray(vector, dtype=np.float32)[None, :]
+        if self.images.metric == "ip":
+            row = row / max(float(np.linalg.norm(row)), 1e-12)
+        return row
+
+    def images_near(self, vector: np.ndarray, k: int) -> list[ImageHit]:
+        result = self.images.search(self._query(vector), k)
+        hits = []
+        for score, item in zip(result.scores[0], self.images.metadata_for(result.ids[0])):
+            thumbnail = item.get("thumbnail")
+            hits.append(ImageHit(item["key"], float(score), list(item.get("captions", [])),
+                                 str(self.index_dir / thumbnail) if thumbnail else None))
+        return hits
+
+    def text_to_image(self, query: str, k: int = 5) -> list[ImageHit]:
+        """Top-k images for a caption-like query or word arithmetic (``"dog - grass + snow"``)."""
+        return self.images_near(self.text_vector(query), k)
+
+    def image_to_image(self, image: Image.Image | str | Path, k: int = 5) -> list[ImageHit]:
+        """Top-k images of the collection nearest to an image."""
+        return self.images_near(self.image_vector(image), k)
+
+    def image_plus_text(self, image: Image.Image | str | Path, text: str, k: int = 5) -> list[ImageHit]:
+        """An image moved by words: ``"+ snow - grass"`` adds and subtracts word vectors."""
+        shift = self.model.caption_encoder.encode_arithmetic(text.strip().removeprefix("+"))
+        return self.images_near(self.image_vector(image) + shift, k)
+
+    def image_to_text(self, image: Image.Image | str | Path, k: int = 5) -> ImageToText:
+        """Nearest captions of the collection and nearest vocabulary words for an image."""
+        vector = self.image_vector(image)
+        result = self.captions.search(self._query(vector), k)
+        captions = [TextHit(item["caption"], float(score))
+                    for score, item in zip(result.scores[0], self.captions.metadata_for(result.ids[0]))]
+        return ImageToText(captions, self.nearest_words(vector, k))
+
+    def nearest_words(self, vector: np.ndarray, k: int) -> list[TextHit]:
+        """Nearest words of the collection's vocabulary, by cosine after centring (see above)."""
+        if not self.words:
+            return []
+        query = np.asarray(vector, dtype=np.float32) - self.caption_center
+        scores = self.word_matrix @ (query / max(float(np.linalg.norm(query)), 1e-12))
+        best = np.argsort(-scores, kind="stable")[:k]
+        return [TextHit(self.words[i], float(scores[i])) for i in best]
+
+
+def caption_vocabulary(captions: list[str], caption_vectors: np.ndarray, vectors) -> dict:
+    """What :meth:`Searcher.nearest_words` needs: content words of the captions and their mean vector."""
+    words = sorted({word for caption in captions for word in tokenize(caption)
+                    if word in vectors.key_to_index and word.isalpha() and len(word) > 2 and word not in STOPWORDS})
+    center = caption_vectors.mean(axis=0) if len(caption_vectors) else np.zeros(vectors.vector_size)
+    return {"words": words, "center": [float(x) for x in center]}
+
+

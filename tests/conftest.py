@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded COCO sample prepared into shards and one short trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from retrieval.config import load_config
+from retrieval.train import fit
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CAPTIONS = PROJECT_ROOT / "data" / "coco-mini" / "captions.jsonl"
+
+
+def demo_config(run_dir: Path, *overrides: str):
+    """The demo config pointed at a temporary run directory."""
+    return load_config(PROJECT_ROOT / "configs" / "demo.yaml", [
+        f"data.path={SAMPLE_CAPTIONS}", f"data.shard_dir={run_dir / 'shards'}", f"train.run_dir={run_dir}",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Path:
+    """Shards of the embedded sample (COCO's train/val split), written once per session."""
+    from pipelines.prepare import prepare
+
+    run_dir = tmp_path_factory.mktemp("sample")
+    prepare(demo_config(run_dir))
+    return run_dir / "shards"
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_shards, tmp_path_factory):
+    """A short demo training run (frozen EfficientNet-Lite0 features, triplet loss)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    config = demo_config(run_dir, f"data.shard_dir={sample_shards}", "train.epochs=40", "train.eval_every=10")
+    return fit(config, progress=False)

@@ -1,0 +1,83 @@
+"""Index and search over a trained run: results equal brute force; bad queries and stale indexes refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.checkpoint import load_checkpoint
+from retrieval.data import list_shards
+from retrieval.errors import ConfigError, QueryError
+from retrieval.indexing import build_index
+from retrieval.search import Searcher
+
+
+@pytest.fixture(scope="module")
+def searcher(trained_run, sample_shards, tmp_path_factory):
+    model = load_checkpoint(trained_run.best_checkpoint)
+    out = build_index(model, list_shards(sample_shards, "val"), tmp_path_factory.mktemp("idx") / "index")
+    return Searcher.open(trained_run.best_checkpoint, out)
+
+
+def brute_force_keys(searcher: Searcher, query_vector: np.ndarray, k: int) -> list[str]:
+    """Top-k keys by exact L2 distance over every indexed image embedding, computed from scratch."""
+    from retrieval.data import iter_samples
+
+    keys, embeddings = [], []
+    for sample in iter_samples(list_shards(searcher.model.config.data.shard_dir, "val")):
+        keys.append(sample.key)
+        pixels = searcher.transform(sample.image).unsqueeze(0)
+        embeddings.append(searcher.model.embed_images(pixels)[0].numpy())
+    distances = ((np.stack(embeddings) - query_vector) ** 2).sum(axis=1)
+    return [keys[i] for i in np.argsort(distances, kind="stable")[:k]]
+
+
+def test_text_to_image_equals_brute_force(searcher):
+    query = "a pizza on a table"
+    hits = searcher.text_to_image(query, k=5)
+    assert [h.key for h in hits] == brute_force_keys(searcher, searcher.text_vector(query), 5)
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert all(h.thumbnail and h.captions for h in hits)
+
+
+def test_image_to_text_returns_captions_and_words(searcher):
+    first = searcher.images.metadata_for([0])[0]
+    found = searcher.image_to_text(searcher.index_dir / first["thumbnail"], k=4)
+    assert len(found.captions) == 4 and len(found.words) == 4
+    assert all(isinstance(hit.text, str) and hit.text for hit in found.captions + found.words)
+
+
+def test_image_to_image_finds_itself_first(searcher):
+    first = searcher.images.metadata_for([0])[0]
+    assert searcher.image_to_image(searcher.index_dir / first["thumbnail"], k=1)[0].key == first["key"]
+
+
+def test_word_arithmetic_is_the_signed_sum(searcher):
+    encoder = searcher.model.caption_encoder
+    expected = encoder.encode("dog") - encoder.encode("grass") + encoder.encode("snow")
+    if encoder.normalize:  # the demo model works on unit vectors: terms and sum are normalised
+        expected = expected / np.linalg.norm(expected)
+    np.testing.assert_allclose(searcher.text_vector("dog - grass + snow"), expected, rtol=1e-5, atol=1e-6)
+    assert len(searcher.text_to_image("dog - grass + snow", k=3)) == 3
+
+
+def test_query_without_known_words_names_them(searcher):
+    with pytest.raises(QueryError, match="qzxv") as error:
+        searcher.text_to_image("qzxv blorpt", k=3)
+    assert "\n" not in str(error.value)
+
+
+def test_index_from_another_model_is_refused(searcher, trained_run, tmp_path):
+    other = tmp_path / "other.pt"
+    state = torch.load(trained_run.best_checkpoint, weights_only=False)
+    state["epoch"] = -1  # any change gives the checkpoint another identity
+    torch.save(state, other)
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(other, tmp_path / "checkpoints" / "best.pt")
+    with pytest.raises(ConfigError, match="model") as error:
+        Searcher.open(tmp_path / "checkpoints" / "best.pt", searcher.index_dir)
+    assert "\n" not in str(error.value)
