@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     cache_features: bool = True
+    feature_cache_dir: str | None = None  # keep cached backbone features on disk, shared across runs
     captions_per_image: str = "all"  # all: every caption is a pair each epoch | one: one random caption
     eval_every: int = 5
     ks: tuple[int, ...] = (1, 5, 10)

@@ -84,6 +84,6 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
         captions = VectorIndex.build(caption_vectors.astype(np.float32), caption_meta, kind="flat", metric=metric,
                                      stamp=stamp)
         captions.save(tmp / CAPTION_INDEX_DIR)
-        vocabulary = caption_vocabulary(flat, caption_vectors, model.caption_encoder.vectors)
+        vocabulary = caption_vocabulary(flat, caption_vectors, model.caption_encoder)
         (tmp / VOCABULARY_FILE).write_text(json.dumps(vocabulary))
     return out_dir

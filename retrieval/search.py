@@ -93,8 +93,8 @@ class Searcher:
             self.words, self.caption_center = saved["words"], np.asarray(saved["center"], dtype=np.float32)
         except (OSError, ValueError, KeyError):
             raise DataError(f"{path} is missing or unreadable; rebuild the index with `retrieval index`") from None
-        vectors = self.model.caption_encoder.vectors
-        centred = np.stack([vectors[w] for w in self.words]) - self.caption_center if self.words else np.zeros((0, 1))
+        word_vectors, _, _ = self.model.caption_encoder.encode_batch(self.words)
+        centred = word_vectors - self.caption_center
         self.word_matrix = centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
 
     # -- query vectors ------------------------------------------------------------------------
@@ -166,11 +166,12 @@ class Searcher:
         return [TextHit(self.words[i], float(scores[i])) for i in best]
 
 
-def caption_vocabulary(captions: list[str], caption_vectors: np.ndarray, vectors) -> dict:
-    """What :meth:`Searcher.nearest_words` needs: content words of the captions and their mean vector."""
-    words = sorted({word for caption in captions for word in tokenize(caption)
-                    if word in vectors.key_to_index and word.isalpha() and len(word) > 2 and word not in STOPWORDS})
-    center = caption_vectors.mean(axis=0) if len(caption_vectors) else np.zeros(vectors.vector_size)
-    return {"words": words, "center": [float(x) for x in center]}
+def caption_vocabulary(captions: list[str], caption_vectors: np.ndarray, caption_encoder) -> dict:
+    """What :meth:`Searcher.nearest_words` needs: known content words of the captions and their mean vector."""
+    candidates = sorted({word for caption in captions for word in tokenize(caption)
+                         if word.isalpha() and len(word) > 2 and word not in STOPWORDS})
+    _, known, _ = caption_encoder.encode_batch(candidates)
+    center = caption_vectors.mean(axis=0) if len(caption_vectors) else np.zeros(caption_encoder.dim)
+    return {"words": [w for w, ok in zip(candidates, known) if ok], "center": [float(x) for x in center]}
 
 

@@ -8,7 +8,10 @@ images stream from the shards through the webdataset pipeline with augmentation,
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -115,11 +118,8 @@ class Trainer:
         image_size = self.config.data.image_size
         self.eval_tf = eval_transform(image_size, self.backbone.mean, self.backbone.std)
         if self.cached:
-            features = self.backbone.module.to(self.device).eval()
-            self.train_set = encode_shards(self.train_shards, features, self.eval_tf, device=self.device,
-                                           desc="caching train features")
-            self.val_set = encode_shards(self.val_shards, features, self.eval_tf, device=self.device,
-                                         desc="caching val features")
+            self.train_set = self._features("train", self.train_shards)
+            self.val_set = self._features("val", self.val_shards)
         else:
             records = read_shard_records(self.train_shards)
             self.train_set = EncodedCollection(torch.zeros(len(records), 0), [r["key"] for r in records],
@@ -127,6 +127,23 @@ class Trainer:
             self.val_set = None
         if not self.train_set.keys:
             raise DataError(f"no training images in {self.config.data.shard_dir}")
+
+    def _features(self, split: str, shards: list[str]) -> EncodedCollection:
+        """Backbone features of a split, from the on-disk cache when one is configured and current."""
+        cache_dir = self.config.train.feature_cache_dir
+        path = None
+        if cache_dir:
+            identity = json.dumps([self.config.model.backbone, self.config.model.weights, self.config.data.image_size,
+                                   [(s, os.path.getsize(s), os.path.getmtime(s)) for s in shards]])
+            path = Path(cache_dir) / f"{split}-{hashlib.sha1(identity.encode()).hexdigest()[:16]}.pt"
+            if path.exists():
+                return EncodedCollection(**torch.load(path, weights_only=False))
+        module = self.backbone.module.to(self.device).eval()
+        collection = encode_shards(shards, module, self.eval_tf, device=self.device, desc=f"caching {split} features")
+        if path is not None:
+            with atomic_path(path) as tmp:
+                torch.save(dataclasses.asdict(collection), tmp)
+        return collection
 
     def _build_text_side(self) -> None:
         train_captions = [c for captions in self.train_set.captions for c in captions]
