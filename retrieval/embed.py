@@ -37,7 +37,8 @@ class EncodedCollection:
 
 @torch.no_grad()
 def encode_shards(shards: Sequence[str], forward: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
-                  *, batch_size: int = 32, device: str = "cpu", desc: str = "encoding images") -> EncodedCollection:
+                  *, batch_size: int = 32, device: str = "cpu", desc: str = "encoding images",
+                  progress: bool = True) -> EncodedCollection:
     """Run ``forward`` over every image of ``shards`` (in order) and keep captions and metadata."""
     outputs, keys, captions, meta, batch = [], [], [], [], []
 
@@ -46,7 +47,7 @@ def encode_shards(shards: Sequence[str], forward: Callable[[torch.Tensor], torch
             outputs.append(forward(torch.stack(batch).to(device)).float().cpu())
             batch.clear()
 
-    for sample in tqdm(iter_samples(shards), desc=desc, unit="img", leave=False):
+    for sample in tqdm(iter_samples(shards), desc=desc, unit="img", leave=False, disable=not progress):
         batch.append(transform(sample.image))
         keys.append(sample.key)
         captions.append(list(sample.captions))

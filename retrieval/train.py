@@ -139,7 +139,8 @@ class Trainer:
             if path.exists():
                 return EncodedCollection(**torch.load(path, weights_only=False))
         module = self.backbone.module.to(self.device).eval()
-        collection = encode_shards(shards, module, self.eval_tf, device=self.device, desc=f"caching {split} features")
+        collection = encode_shards(shards, module, self.eval_tf, device=self.device, desc=f"caching {split} features",
+                                   progress=self.progress)
         if path is not None:
             with atomic_path(path) as tmp:
                 torch.save(dataclasses.asdict(collection), tmp)
@@ -234,7 +235,7 @@ class Trainer:
             collection = self.val_set
         else:
             collection = encode_shards(self.val_shards, lambda x: self.loss.embed(self.encoder(x)), self.eval_tf,
-                                       device=self.device, desc="encoding val images")
+                                       device=self.device, desc="encoding val images", progress=self.progress)
             embeddings = collection.vectors
         captions, owner, _ = caption_pairs(collection.captions, self.caption_encoder.encode_batch)
         labels = class_labels(collection.meta)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import load_config
 from retrieval.errors import DataError
-from retrieval.train import fit, rsum
+from retrieval.models import create_backbone
+from retrieval.train import fit, rsum, seed_everything
 
 from tests.conftest import demo_config
 
@@ -60,3 +62,16 @@ def test_missing_shards_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError) as error:
         fit(demo_config(tmp_path, f"data.shard_dir={tmp_path / 'nowhere'}"), progress=False)
     assert "nowhere" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_end_to_end_fine_tuning_streams_from_shards_with_workers(sample_shards, tmp_path):
+    """Unfrozen backbone: images stream through the webdataset pipeline (2 workers), all weights move."""
+    config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", "model.backbone=resnet18",
+                         "model.weights=random", "model.freeze_backbone=false", "data.image_size=64",
+                         "data.num_workers=2", "train.batch_size=16", "train.epochs=2", "train.eval_every=2")
+    result = fit(config, progress=False)
+    assert len(result.history) == 2 and all(np.isfinite(s.loss) for s in result.history)
+    trained = torch.load(result.last_checkpoint, weights_only=False)["encoder"]["backbone.conv1.weight"]
+    seed_everything(0)  # fit() seeds the same way before building the backbone: this is its initial state
+    initial = create_backbone("resnet18", "random").module.conv1.weight
+    assert not torch.allclose(trained, initial)
