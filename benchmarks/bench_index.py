@@ -24,7 +24,7 @@ from retrieval.io import write_json
 
 KINDS = ("flat", "ivf", "hnsw")
 SWEEPS = {"ivf": ("nprobe", (8, 16, 32, 48, 64, 96, 128)),
-          "hnsw": ("ef_search", (32, 64, 128, 192, 256, 384, 512))}
+          "hnsw": ("ef_search", (64, 128, 256, 384, 512, 768, 1024))}
 CLUSTERS = 1000
 SCALE_RANGE = (0.5, 1.5)
 

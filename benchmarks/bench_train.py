@@ -8,7 +8,6 @@ negatives) over identical batches; the ratio ours / bare is the cost of the libr
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path

@@ -12,7 +12,10 @@ JOBS = {
     "train": "train an image encoder against frozen caption vectors",
     "index": "embed a shard set into a faiss index",
     "search": "query an index by text or by image",
+    "evaluate": "all retrieval metrics of a checkpoint on held-out shards (JSON + table)",
+    "compare": "train loss/text variants over seeds and write a report with plots",
     "demo": "prepare, train, index and search the embedded sample data",
+    "app": "open the Streamlit search app on a run's index",
 }
 
 

@@ -20,7 +20,7 @@ from retrieval.errors import DataError
 from retrieval.evaluation import chance_report
 from retrieval.train import fit, read_shard_records
 
-from pipelines.common import PROJECT_ROOT, add_config_args, checkpoint_path, config_from_args, format_metrics_table
+from pipelines.common import PROJECT_ROOT, add_config_args, config_from_args, format_metrics_table
 from pipelines.index import index_run
 from pipelines.prepare import prepare
 from pipelines.search import image_results, open_searcher, text_results
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[2/4] training {config.model.backbone} + {config.model.projection} projection "
           f"with the {config.loss.name} loss ({config.loss.negatives} negatives) for {config.train.epochs} epochs")
     result = fit(config)
-    print(f"[3/4] indexing the held-out images")
+    print("[3/4] indexing the held-out images")
     # The held-out split is this sample's only evaluation set, so the demo reports and searches with
     # the final checkpoint rather than the one that scored best on it.
     index_run(result.run_dir, checkpoint="last.pt", split="val")
@@ -82,4 +82,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(true captions of that image: {example['captions'][0]!r})")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; run directory {result.run_dir}")
     print(f"search it again: retrieval search --run {result.run_dir} --checkpoint last.pt --text \"a dog\"")
+    print(f"open the search app on this index: retrieval app --run {result.run_dir}")
     return 0

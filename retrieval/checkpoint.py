@@ -14,8 +14,9 @@ from retrieval.errors import DataError
 from retrieval.io import atomic_path
 from retrieval.losses import LOSSES, CrossModalLoss, create_loss
 from retrieval.models import ImageEncoder, create_encoder
-from retrieval.targets import load_vectors
+from retrieval.targets import load_vectors, restore_caption_encoder
 from retrieval.text import CaptionEncoder
+from retrieval.text.sentence import SentenceEncoder
 
 
 def loss_kwargs(config: Config, num_classes: int | None = None) -> dict:
@@ -30,7 +31,7 @@ def loss_kwargs(config: Config, num_classes: int | None = None) -> dict:
 
 
 def save_checkpoint(path: str | Path, *, config: Config, encoder: ImageEncoder, loss: CrossModalLoss,
-                    caption_encoder: CaptionEncoder, vectors_fingerprint: str, epoch: int,
+                    caption_encoder: CaptionEncoder | SentenceEncoder, vectors_fingerprint: str, epoch: int,
                     metrics: dict, num_classes: int | None = None) -> None:
     """Write a checkpoint atomically (temp file + rename)."""
     state = {
@@ -63,7 +64,7 @@ class LoadedModel:
     config: Config
     encoder: ImageEncoder
     loss: CrossModalLoss
-    caption_encoder: CaptionEncoder
+    caption_encoder: CaptionEncoder | SentenceEncoder
     vectors_fingerprint: str
     checkpoint_fingerprint: str
     epoch: int
@@ -94,7 +95,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
         raise DataError(f"checkpoint {file} is not readable ({type(error).__name__})") from None
     run_dir = file.parent.parent
     vectors = load_vectors(config.text, run_dir)
-    caption_encoder = CaptionEncoder.from_state_dict(vectors, state["caption_encoder"])
+    caption_encoder = restore_caption_encoder(vectors, state["caption_encoder"])
     # The checkpoint holds every weight, so the backbone need not load its original file again.
     encoder = create_encoder(dataclasses.replace(config.model, weights="random"), caption_encoder.dim)
     encoder.load_state_dict(state["encoder"])

@@ -22,7 +22,7 @@ from retrieval.io import atomic_path
 class DataConfig:
     """Where the images and captions come from and how they become shards."""
 
-    source: str = "jsonl"  # jsonl | csv | coco | img2dataset
+    source: str = "jsonl"  # jsonl | csv | coco | img2dataset | fashion-mnist | fashion-mnist-scenes
     path: str = "data/coco-mini/captions.jsonl"
     image_root: str | None = None
     shard_dir: str = "runs/demo/shards"
@@ -32,14 +32,18 @@ class DataConfig:
     split_seed: int = 0
     image_size: int = 224
     num_workers: int = 0
+    # fashion-mnist sources only (path: the IDX folder, or "default")
+    limit_per_class: int | None = None  # at most this many items per class and split (seeded by split_seed)
+    zero_shot_classes: tuple[str, ...] = ()  # fashion-mnist: classes kept out of training, val only
+    scene_count: int = 20000  # fashion-mnist-scenes: scenes in all (val_fraction of them val)
 
 
 @dataclass(frozen=True)
 class TextConfig:
     """The frozen word vectors and how a caption becomes one vector."""
 
-    vectors: str = "glove-6b-50d"  # glove-6b-50d | glove-text | word2vec-binary | word2vec-text | gensim | word2vec-captions
-    vectors_path: str | None = None
+    vectors: str = "glove-6b-50d"  # glove-6b-50d | glove-text | word2vec-binary | word2vec-text | gensim | word2vec-captions | sentence-transformer
+    vectors_path: str | None = None  # sentence-transformer: a local model folder (default: the packaged all-MiniLM-L6-v2)
     weighting: str = "mean"  # mean | tfidf
     normalize: bool = False
     word2vec_dim: int = 50

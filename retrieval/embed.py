@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -11,6 +16,7 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from retrieval.data import iter_samples
+from retrieval.io import atomic_path
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
@@ -68,3 +74,28 @@ def caption_pairs(captions: Sequence[Sequence[str]], encode_batch: Callable) -> 
     owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
     vectors, known, stats = encode_batch(flat)
     return vectors[known], owner[known], stats
+
+
+def feature_cache_path(cache_dir: str | Path, backbone: str, weights: str, image_size: int,
+                       split: str, shards: Sequence[str]) -> Path:
+    """Where a split's backbone features are cached: keyed by backbone, weights, size and shard files."""
+    identity = json.dumps([backbone, weights, image_size,
+                           [(s, os.path.getsize(s), os.path.getmtime(s)) for s in shards]])
+    return Path(cache_dir) / f"{split}-{hashlib.sha1(identity.encode()).hexdigest()[:16]}.pt"
+
+
+def split_features(shards: Sequence[str], split: str, features: Callable[[torch.Tensor], torch.Tensor], *,
+                   model_config, image_size: int, mean, std, cache_dir: str | None = None,
+                   device: str = "cpu", progress: bool = True) -> EncodedCollection:
+    """Pooled backbone features of ``shards``: read from (or written to) the shared feature cache."""
+    path = None
+    if cache_dir:
+        path = feature_cache_path(cache_dir, model_config.backbone, model_config.weights, image_size, split, shards)
+        if path.exists():
+            return EncodedCollection(**torch.load(path, weights_only=False))
+    collection = encode_shards(shards, features, eval_transform(image_size, mean, std), device=device,
+                               desc=f"encoding {split} images", progress=progress)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save(dataclasses.asdict(collection), tmp)
+    return collection

@@ -1,10 +1,29 @@
-"""Cross-modal evaluation of embeddings: text→image and image→text metrics in one call."""
+"""Cross-modal evaluation: text→image and image→text metrics, chance levels and zero-shot retrieval.
+
+Relevance follows the data: where every image's metadata has an integer ``label`` (class data), a
+caption is relevant to every image of its class; otherwise only to the image it describes. Held-out
+images whose metadata says ``zero_shot: true`` belong to classes left out of training; for them
+:func:`zero_shot_report` queries with the class names (DeViSE-style zero-shot retrieval).
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
+import numpy as np
+import torch
+
+from retrieval.data import list_shards
+from retrieval.embed import EncodedCollection, caption_pairs, encode_shards, eval_transform, split_features
+from retrieval.errors import ConfigError, DataError, QueryError
 from retrieval.metrics import chance_recall, retrieval_metrics
+
+#: metadata fields that may hold a class's name, in order of preference
+CLASS_NAME_FIELDS = ("class_name", "label_name", "class", "category", "name")
+DIRECTIONS = ("text_to_image", "image_to_text")
 
 
 def cross_modal_report(image_emb: np.ndarray, caption_emb: np.ndarray, caption_labels: np.ndarray,
@@ -12,11 +31,14 @@ def cross_modal_report(image_emb: np.ndarray, caption_emb: np.ndarray, caption_l
     """Flat dict ``{"text_to_image/R@1": …, "image_to_text/mAP": …}``.
 
     Relevance: caption ``c`` and image ``i`` match iff ``caption_labels[c] == image_labels[i]``
-    (the image's identity for captioned photos, its class where the data has classes).
+    (the image's identity for captioned photos, its class where the data has classes). Images with
+    no caption to find (none of their class's captions has a known word) are items but not queries.
     """
+    asked = np.isin(image_labels, caption_labels)
     directions = {
         "text_to_image": retrieval_metrics(caption_emb, image_emb, caption_labels, image_labels, ks=ks, metric=metric),
-        "image_to_text": retrieval_metrics(image_emb, caption_emb, image_labels, caption_labels, ks=ks, metric=metric),
+        "image_to_text": retrieval_metrics(image_emb[asked], caption_emb, image_labels[asked], caption_labels,
+                                           ks=ks, metric=metric),
     }
     return {f"{direction}/{name}": float(value) for direction, result in directions.items()
             for name, value in result.as_dict().items()}
@@ -29,7 +51,273 @@ def chance_report(caption_labels: np.ndarray, image_labels: np.ndarray, ks=(1, 5
     report = {}
     for k in ks:
         t2i = np.mean([chance_recall(k, len(image_labels), images_per_label.get(label, 0)) for label in caption_labels])
-        i2t = np.mean([chance_recall(k, len(caption_labels), captions_per_label.get(label, 0)) for label in image_labels])
+        i2t = np.mean([chance_recall(k, len(caption_labels), captions_per_label[label]) for label in image_labels
+                       if label in captions_per_label])  # images with no caption to find are not queries
         report[f"text_to_image/R@{k}"] = float(t2i)
         report[f"image_to_text/R@{k}"] = float(i2t)
     return report
+
+
+# -- relevance ----------------------------------------------------------------------------------
+def image_classes(meta: Sequence[dict]) -> np.ndarray | None:
+    """Integer class ids when every image's metadata has a ``label``; None for caption-only data."""
+    if meta and all("label" in m for m in meta):
+        return np.asarray([int(m["label"]) for m in meta])
+    return None
+
+
+def relevance(meta: Sequence[dict], owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """(caption labels, image labels, ``"class"`` or ``"image"``) for captions owned by ``owner``."""
+    classes = image_classes(meta)
+    if classes is None:
+        return owner, np.arange(len(meta)), "image"
+    return classes[owner], classes, "class"
+
+
+def class_names(meta: Sequence[dict], captions: Sequence[Sequence[str]]) -> dict[int, str]:
+    """Class id → name: a name field of the metadata, else the commonest caption of the class."""
+    names: dict[int, str] = {}
+    for field in CLASS_NAME_FIELDS:
+        for m in meta:
+            if "label" in m and isinstance(m.get(field), str) and m[field].strip():
+                names.setdefault(int(m["label"]), m[field].strip())
+        if names:
+            break
+    by_class: dict[int, Counter] = {}
+    for m, image_captions in zip(meta, captions):
+        if "label" in m and int(m["label"]) not in names:
+            by_class.setdefault(int(m["label"]), Counter()).update(image_captions)
+    names.update({label: counts.most_common(1)[0][0] for label, counts in by_class.items() if counts})
+    return names
+
+
+def zero_shot_classes(meta: Sequence[dict]) -> list[int]:
+    """Sorted class ids of the images marked ``zero_shot`` (held out of training)."""
+    return sorted({int(m["label"]) for m in meta if m.get("zero_shot") and "label" in m})
+
+
+# -- reports --------------------------------------------------------------------------------------
+def evaluate_embeddings(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
+                        encode_batch: Callable, ks: Sequence[int] = (1, 5, 10), metric: str = "l2") -> dict:
+    """All metrics in both directions, the chance level and (when present) zero-shot retrieval."""
+    caption_emb, owner, _ = caption_pairs(captions, encode_batch)
+    if len(caption_emb) == 0:
+        raise DataError("no held-out caption has a known word; nothing to evaluate")
+    caption_labels, image_labels, kind = relevance(meta, owner)
+    report = {
+        "relevance": kind, "metric": metric, "ks": list(ks),
+        "num_images": int(len(image_emb)), "num_captions": int(len(caption_emb)),
+        "metrics": cross_modal_report(image_emb, caption_emb, caption_labels, image_labels, ks, metric),
+        "chance": chance_report(caption_labels, image_labels, ks),
+    }
+    zero_shot = zero_shot_report(image_emb, captions, meta, encode_batch, ks, metric)
+    if zero_shot is not None:
+        report["zero_shot"] = zero_shot
+    return report
+
+
+def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
+                     encode_batch: Callable, ks: Sequence[int] = (1, 5, 10), metric: str = "l2") -> dict | None:
+    """Text→image with the zero-shot class names as queries against every image; None without any."""
+    held_out = zero_shot_classes(meta)
+    if not held_out:
+        return None
+    names = class_names(meta, captions)
+    queries = [names[label] for label in held_out]
+    vectors, known, _ = encode_batch(queries)
+    report = {"queries": [{"label": int(label), "name": names[label], "known": bool(ok)}
+                          for label, ok in zip(held_out, known)],
+              "num_images": int(len(image_emb)), "metrics": None, "chance": None}
+    if not known.any():  # e.g. word vectors trained on the training captions never saw these names
+        return report
+    labels, image_labels = np.asarray(held_out)[known], image_classes(meta)
+    result = retrieval_metrics(vectors[known], image_emb, labels, image_labels, ks=ks, metric=metric)
+    chance = chance_report(labels, image_labels, ks)
+    report["metrics"] = {f"text_to_image/{name}": float(value) for name, value in result.as_dict().items()}
+    report["chance"] = {key: value for key, value in chance.items() if key.startswith("text_to_image/")}
+    return report
+
+
+def recall_curve(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
+                 encode_batch: Callable, max_k: int, metric: str = "l2") -> dict[str, list[float]]:
+    """R@K for K = 1..min(max_k, images) in both directions: ``{"text_to_image": [R@1, R@2, …], …}``."""
+    caption_emb, owner, _ = caption_pairs(captions, encode_batch)
+    caption_labels, image_labels, _ = relevance(meta, owner)
+    ks = range(1, max(1, min(int(max_k), len(image_emb))) + 1)
+    report = cross_modal_report(image_emb, caption_emb, caption_labels, image_labels, tuple(ks), metric)
+    return {direction: [report[f"{direction}/R@{k}"] for k in ks] for direction in DIRECTIONS}
+
+
+def top_images(image_emb: np.ndarray, queries: Sequence[str], encode_query: Callable, metric: str, k: int,
+               keys: Sequence[str]) -> dict[str, list[str]]:
+    """The keys of the ``k`` best images per text query (a query with no known word gets an empty list)."""
+    found = {}
+    for query in queries:
+        try:
+            vector = encode_query(query)
+        except QueryError:
+            found[query] = []
+            continue
+        if metric == "l2":
+            scores = -np.square(image_emb - vector[None, :]).sum(axis=1)
+        elif metric == "cosine":
+            scores = _unit(image_emb) @ _unit(vector[None, :])[0]
+        else:
+            scores = image_emb @ vector
+        found[query] = [keys[i] for i in np.argsort(-scores, kind="stable")[:k]]
+    return found
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def full_report(image_emb: np.ndarray, keys: Sequence[str], captions: Sequence[Sequence[str]], meta: Sequence[dict],
+                caption_encoder, *, ks: Sequence[int], metric: str, max_k: int, queries: Sequence[str],
+                top_k: int) -> dict:
+    """:func:`evaluate_embeddings` plus the R@K curve and the top images of example queries."""
+    report = evaluate_embeddings(image_emb, captions, meta, caption_encoder.encode_batch, ks, metric)
+    examples = top_images(image_emb, queries, caption_encoder.encode_query, metric, top_k, keys)
+    return {"metrics": report["metrics"], "chance": report["chance"], "zero_shot": report.get("zero_shot"),
+            "relevance": report["relevance"], "num_captions": report["num_captions"],
+            "recall_curve": recall_curve(image_emb, captions, meta, caption_encoder.encode_batch, max_k, metric),
+            "examples": examples, "example_matches": example_matches(examples, keys, captions, meta)}
+
+
+def example_matches(examples: dict[str, list[str]], keys: Sequence[str], captions: Sequence[Sequence[str]],
+                    meta: Sequence[dict]) -> dict[str, list[bool]]:
+    """Per example hit: is the query one of the image's captions or its class name (case-insensitive)?"""
+    names = class_names(meta, captions) if image_classes(meta) is not None else {}
+    row = {key: i for i, key in enumerate(keys)}
+    matches = {}
+    for query, found in examples.items():
+        text = query.strip().lower()
+        matches[query] = [text in {c.strip().lower() for c in captions[row[key]]}
+                          or text == names.get(int(meta[row[key]].get("label", -1)), "").lower() for key in found]
+    return matches
+
+
+# -- images → embeddings -------------------------------------------------------------------------
+def model_embeddings(model, shards: Sequence[str], split: str = "val", device: str = "cpu") -> EncodedCollection:
+    """A loaded checkpoint's search-space embeddings of every image of ``shards`` (in order).
+
+    A frozen backbone reuses the run's feature cache when it has one; a fine-tuned one encodes anew.
+    """
+    config = model.config
+    encoder = model.encoder
+    if not config.model.freeze_backbone:
+        return encode_shards(shards, model.embed_images, eval_transform(config.data.image_size, encoder.mean,
+                                                                        encoder.std), device=device)
+    cache = config.train.feature_cache_dir if config.train.cache_features else None
+    collection = split_features(shards, split, encoder.features, model_config=config.model,
+                                image_size=config.data.image_size, mean=encoder.mean, std=encoder.std,
+                                cache_dir=cache, device=device)
+    embeddings = model.embed_features(collection.vectors.to(device)).float().cpu()
+    return dataclasses.replace(collection, vectors=embeddings)
+
+
+@dataclass
+class HeldOutSplit:
+    """A held-out split as every compared model sees it: pooled backbone features plus captions and metadata."""
+
+    shards: list[str]
+    features: torch.Tensor  # (N, F) features of the config's backbone
+    keys: list[str]
+    captions: list[list[str]]
+    meta: list[dict]
+    classifier: torch.nn.Module | None  # the backbone's ImageNet head, when its weights ship one
+
+
+def load_held_out(config, split: str = "val") -> HeldOutSplit:
+    """Backbone features of a split of ``config``'s shards, through its feature cache (computed once)."""
+    from retrieval.models import create_backbone  # models import torchvision: only when needed
+
+    shards = list_shards(config.data.shard_dir, split)
+    backbone = create_backbone(config.model.backbone, config.model.weights)
+    collection = split_features(shards, split, backbone.module.eval(), model_config=config.model,
+                                image_size=config.data.image_size, mean=backbone.mean, std=backbone.std,
+                                cache_dir=config.train.feature_cache_dir)
+    return HeldOutSplit(shards, collection.vectors, collection.keys, collection.captions, collection.meta,
+                        backbone.classifier)
+
+
+def check_metric_name(name: str, ks: Sequence[int], where: str) -> None:
+    """One-line ConfigError unless ``name`` is a metric these reports hold, e.g. ``text_to_image/R@5``."""
+    direction, _, metric = name.partition("/")
+    valid = table_metrics(ks) + ["MeanR"]
+    if direction not in DIRECTIONS or metric not in valid:
+        raise ConfigError(f"{where}: {name!r} must be text_to_image/ or image_to_text/ followed by one of "
+                          f"{', '.join(valid)}")
+
+
+# -- summaries over runs (seeds) -------------------------------------------------------------
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for a single run)."""
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0}
+
+
+def _curve_means(curves: list[list[float]]) -> list[float]:
+    length = min(len(c) for c in curves)
+    return np.mean([c[:length] for c in curves], axis=0).tolist()
+
+
+def summarize_runs(runs: list[dict], primary: str) -> dict:
+    """Per metric mean ± std over runs; mean R@K curves; mean training curves (epochs aligned)."""
+    keys = list(runs[0]["metrics"])
+    summary = {"num_runs": len(runs), "metrics": {k: mean_std([r["metrics"][k] for r in runs]) for k in keys},
+               "wall_seconds": mean_std([r["wall_seconds"] for r in runs]),
+               "train_seconds": mean_std([r["train_seconds"] for r in runs]),
+               "recall_curve": {d: _curve_means([r["recall_curve"][d] for r in runs]) for d in runs[0]["recall_curve"]},
+               "zero_shot": None}
+    zero = [(r.get("zero_shot") or {}).get("metrics") for r in runs]
+    if all(zero):
+        summary["zero_shot"] = {k: mean_std([z[k] for z in zero]) for k in zero[0]}
+    histories = [r["history"] for r in runs if r["history"]]
+    if histories:
+        epochs = [h["epoch"] for h in histories[0] if "loss" in h]
+        evals = [h["epoch"] for h in histories[0] if h["metrics"]]
+        rows = [{h["epoch"]: h for h in history} for history in histories]
+        summary["curves"] = {
+            "epoch": epochs,
+            "loss": [float(np.mean([row[e]["loss"] for row in rows])) for e in epochs],
+            "active_fraction": [float(np.mean([row[e]["active_fraction"] for row in rows])) for e in epochs],
+            "eval_epoch": evals,
+            "primary": [float(np.mean([row[e]["metrics"][primary] for row in rows])) for e in evals],
+        }
+    return summary
+
+
+# -- text table ------------------------------------------------------------------------------------
+def table_metrics(ks: Sequence[int]) -> list[str]:
+    """The metric columns of a table for these K: R@K, P@K, mAP, MedR."""
+    return [f"R@{k}" for k in ks] + [f"P@{k}" for k in ks] + ["mAP", "MedR"]
+
+
+def format_report(report: dict) -> str:
+    """A text table: one row per direction and its chance level; zero-shot rows when present."""
+    columns = table_metrics(report["ks"])
+    header = f"{'':<26}" + "".join(f"{name:>9}" for name in columns)
+    lines = [f"relevance by {report['relevance']}: {report['num_captions']} captions, {report['num_images']} images",
+             header]
+
+    def row(label: str, values: dict, direction: str) -> str:
+        cells = []
+        for name in columns:
+            value = values.get(f"{direction}/{name}")
+            cells.append("" if value is None else f"{value:.1f}" if name == "MedR" else f"{value:.3f}")
+        return f"{label:<26}" + "".join(f"{cell:>9}" for cell in cells)
+
+    for direction in DIRECTIONS:
+        lines.append(row(direction, report["metrics"], direction))
+        lines.append(row("  chance", report["chance"], direction))
+    if report.get("zero_shot", {}).get("metrics"):
+        zero_shot = report["zero_shot"]
+        names = ", ".join(q["name"] for q in zero_shot["queries"])
+        lines.append(f"zero-shot text→image (queries = held-out class names: {names}; all images):")
+        lines.append(row("text_to_image (zero-shot)", zero_shot["metrics"], "text_to_image"))
+        lines.append(row("  chance", zero_shot["chance"], "text_to_image"))
+    elif "zero_shot" in report:
+        names = ", ".join(q["name"] for q in report["zero_shot"]["queries"])
+        lines.append(f"zero-shot text→image: not evaluated, no held-out class name has a known word ({names})")
+    return "\n".join(lines)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from retrieval.checkpoint import LoadedModel

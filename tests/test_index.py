@@ -133,7 +133,8 @@ def test_mismatched_stamp_is_refused(tmp_path, small):
 
 
 @pytest.mark.parametrize("damage", ["garbage index", "truncated index", "bad metadata line",
-                                    "missing stamp", "bad stamp json", "metadata count"])
+                                    "missing stamp", "bad stamp json", "metadata count",
+                                    "foreign index type"])
 def test_corrupt_files_raise_data_error(tmp_path, small, damage):
     folder = tmp_path / "ix"
     VectorIndex.build(small[0], meta(0, 3_000), kind="ivf", stamp=STAMP).save(folder)
@@ -141,7 +142,8 @@ def test_corrupt_files_raise_data_error(tmp_path, small, damage):
     lines = (folder / METADATA_FILE).read_text().splitlines()
     culprit = {"garbage index": INDEX_FILE, "truncated index": INDEX_FILE,
                "bad metadata line": METADATA_FILE, "missing stamp": STAMP_FILE,
-               "bad stamp json": STAMP_FILE, "metadata count": METADATA_FILE}[damage]
+               "bad stamp json": STAMP_FILE, "metadata count": METADATA_FILE,
+               "foreign index type": INDEX_FILE}[damage]
     if damage == "garbage index":
         (folder / INDEX_FILE).write_bytes(b"not a faiss index at all" * 10)
     elif damage == "truncated index":
@@ -152,12 +154,17 @@ def test_corrupt_files_raise_data_error(tmp_path, small, damage):
         (folder / STAMP_FILE).unlink()
     elif damage == "bad stamp json":
         (folder / STAMP_FILE).write_text("{")
+    elif damage == "foreign index type":
+        lsh = faiss.IndexLSH(50, 16)
+        lsh.add(small[0])
+        faiss.write_index(lsh, str(folder / INDEX_FILE))
     else:
         (folder / METADATA_FILE).write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(DataError) as error:
         VectorIndex.load(folder)
     assert_one_line(error)
-    named = str(folder) if damage == "metadata count" else str(folder / culprit)
+    inconsistent = damage in ("metadata count", "foreign index type")  # named by folder
+    named = str(folder) if inconsistent else str(folder / culprit)
     assert named in str(error.value)
 
 

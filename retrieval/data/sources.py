@@ -1,7 +1,8 @@
 """Caption sources: readers that lazily yield one ``Record`` (image bytes + captions) per image.
 
-Supported inputs: a JSON-lines file, a CSV file, a COCO captions json and img2dataset output
-(``files`` or ``webdataset`` layout). Every reader fails with a one-line ``DataError`` that
+Supported inputs: a JSON-lines file, a CSV file, a COCO captions json, img2dataset output
+(``files`` or ``webdataset`` layout) and Fashion-MNIST's IDX files (items, or 2x2 scenes; see
+``fashion_mnist.py``). Every reader fails with a one-line ``DataError`` that
 names the file and the line or field at fault.
 """
 
@@ -330,18 +331,43 @@ def _tar_record(sample: dict) -> Record | None:
     return Record(key, sample[ext], "jpg" if ext == "jpeg" else ext, entry[0], entry[1], origin=where)
 
 
+def _fashion_mnist(path: str | os.PathLike | None, image_root: Any = None, **options: Any) -> Iterator[Record]:
+    from retrieval.data.fashion_mnist import records_from_fashion_mnist  # imports this module
+
+    return records_from_fashion_mnist(path, **options)
+
+
+def _fashion_mnist_scenes(path: str | os.PathLike | None, image_root: Any = None, **options: Any) -> Iterator[Record]:
+    from retrieval.data.fashion_mnist_scenes import records_from_fashion_mnist_scenes
+
+    return records_from_fashion_mnist_scenes(path, **options)
+
+
 SOURCES: dict[str, Callable[..., Iterator[Record]]] = {
     "jsonl": records_from_jsonl,
     "csv": records_from_csv,
     "coco": records_from_coco,
     "img2dataset": records_from_img2dataset,
+    "fashion-mnist": _fashion_mnist,
+    "fashion-mnist-scenes": _fashion_mnist_scenes,
 }
+# Sources that take keyword options (``open_source(..., **options)``); the others take none.
+OPTION_SOURCES = ("fashion-mnist", "fashion-mnist-scenes")
 
 
-def open_source(kind: str, path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Record]:
-    """Records of one source by kind; coco's images default to the json's folder, img2dataset ignores image_root."""
+def open_source(
+    kind: str, path: str | os.PathLike, image_root: str | os.PathLike | None = None, **options: Any
+) -> Iterator[Record]:
+    """Records of one source by kind; coco's images default to the json's folder, img2dataset ignores image_root.
+
+    ``options`` go to the sources in ``OPTION_SOURCES`` (e.g. fashion-mnist's ``limit_per_class``).
+    """
     if kind not in SOURCES:
         raise ConfigError(f"unknown source kind {kind!r}; choose one of: {', '.join(SOURCES)}")
+    if kind in OPTION_SOURCES:
+        return SOURCES[kind](path, image_root, **options)
+    if options:
+        raise ConfigError(f"source kind {kind!r} takes no options (got {', '.join(sorted(options))})")
     if kind == "img2dataset":
         return records_from_img2dataset(path)
     if kind == "coco":

@@ -156,7 +156,7 @@ class CaptionEncoder:
             indptr.append(len(indices))
         # One sparse (captions x vocabulary) weight matrix times the vectors: fast for 100k+ captions.
         weights = scipy.sparse.csr_matrix(
-            (np.asarray(data, dtype=np.float64), np.asarray(indices, dtype=np.int64), np.asarray(indptr)),
+            (np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=np.int64), np.asarray(indptr)),
             shape=(len(captions), len(self.vectors)),
         )
         out = np.asarray(weights @ self.vectors.vectors, dtype=np.float32).reshape(len(captions), self.dim)

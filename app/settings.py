@@ -1,0 +1,117 @@
+"""Where the app finds its run, index and checkpoint: command line after ``--``, environment, defaults.
+
+Precedence: ``streamlit run app/streamlit_app.py -- --run R --index I --checkpoint C`` beats the
+environment variables ``RETRIEVAL_RUN``, ``RETRIEVAL_INDEX`` and ``RETRIEVAL_CHECKPOINT``, which
+beat the defaults (``runs/demo``, ``<run>/index`` and the checkpoint that built that index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from retrieval.checkpoint import file_fingerprint
+from retrieval.search import IMAGE_INDEX_DIR
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RUN = Path("runs/demo")
+ENV_RUN, ENV_INDEX, ENV_CHECKPOINT = "RETRIEVAL_RUN", "RETRIEVAL_INDEX", "RETRIEVAL_CHECKPOINT"
+CHECKPOINT_PREFERENCE = ("best.pt", "last.pt")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The starting choice of the sidebar; ``index``/``checkpoint`` None mean "work it out"."""
+
+    run: Path
+    index: Path | None = None
+    checkpoint: str | None = None
+
+
+def parser() -> argparse.ArgumentParser:
+    """Options accepted after ``--`` by ``streamlit run app/streamlit_app.py``."""
+    options = argparse.ArgumentParser(prog="streamlit_app.py", allow_abbrev=False,
+                                      description="retrieval search app")
+    options.add_argument("--run", type=Path, help=f"run directory (default: {DEFAULT_RUN})")
+    options.add_argument("--index", type=Path, help="index directory (default: <run>/index)")
+    options.add_argument("--checkpoint", help="checkpoint name in <run>/checkpoints or a .pt file")
+    return options
+
+
+def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> AppSettings:
+    """Settings from command-line options, then environment variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    args, _ = parser().parse_known_args(list(argv))
+    run = args.run or _path(environ.get(ENV_RUN)) or default_run()
+    index = args.index or _path(environ.get(ENV_INDEX))
+    checkpoint = args.checkpoint or environ.get(ENV_CHECKPOINT) or None
+    return AppSettings(Path(run), Path(index) if index else None, checkpoint)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def default_run() -> Path:
+    """``runs/demo`` in the working directory, else in the project checkout."""
+    if DEFAULT_RUN.is_dir() or not (PROJECT_ROOT / DEFAULT_RUN).is_dir():
+        return DEFAULT_RUN
+    return PROJECT_ROOT / DEFAULT_RUN
+
+
+def is_index(path: Path) -> bool:
+    """Whether ``path`` looks like an index directory written by ``retrieval index``."""
+    return (Path(path) / IMAGE_INDEX_DIR / "stamp.json").is_file()
+
+
+def find_indexes(run: Path) -> list[Path]:
+    """Index directories of a run: ``<run>/index`` first, then any other sub-directory holding one."""
+    run = Path(run)
+    if not run.is_dir():
+        return []
+    found = [child for child in sorted(run.iterdir()) if child.is_dir() and is_index(child)]
+    return sorted(found, key=lambda path: path.name != "index")
+
+
+def find_checkpoints(run: Path) -> list[str]:
+    """Checkpoint file names of a run, best.pt and last.pt first."""
+    folder = Path(run) / "checkpoints"
+    names = sorted(path.name for path in folder.glob("*.pt")) if folder.is_dir() else []
+    return sorted(names, key=lambda name: (CHECKPOINT_PREFERENCE + (name,)).index(name))
+
+
+def checkpoint_file(run: Path, checkpoint: str) -> Path:
+    """A bare name is a file of ``<run>/checkpoints``; anything with a directory part is a path."""
+    path = Path(checkpoint)
+    return path if len(path.parts) > 1 else Path(run) / "checkpoints" / checkpoint
+
+
+def index_model_fingerprint(index: Path) -> str | None:
+    """The checkpoint fingerprint an index is stamped with (None when unreadable)."""
+    try:
+        info = json.loads((Path(index) / IMAGE_INDEX_DIR / "stamp.json").read_text(encoding="utf-8"))
+        return str(info["stamp"]["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def matching_checkpoint(run: Path, index: Path, names: Sequence[str]) -> str | None:
+    """The checkpoint among ``names`` that built ``index`` (the demo indexes with last.pt), if any."""
+    wanted = index_model_fingerprint(index)
+    if wanted is None:
+        return None
+    for name in names:
+        if file_fingerprint(Path(run) / "checkpoints" / name) == wanted:
+            return name
+    return None
+
+
+def default_checkpoint(run: Path, index: Path, names: Sequence[str]) -> str | None:
+    """The checkpoint that built the index, else best.pt, else last.pt, else the first one."""
+    if not names:
+        return None
+    return matching_checkpoint(run, index, names) or names[0]

@@ -1,0 +1,192 @@
+"""The search app: text→image (word arithmetic allowed), image→text and image→image, on a built index.
+
+    retrieval app                                   # runs/demo, after `retrieval demo`
+    streamlit run app/streamlit_app.py -- --run runs/demo [--index DIR] [--checkpoint last.pt]
+
+The run, index and checkpoint can also come from RETRIEVAL_RUN, RETRIEVAL_INDEX and
+RETRIEVAL_CHECKPOINT (see app/settings.py) and be changed in the sidebar.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `streamlit run` without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import streamlit as st
+from PIL import Image
+
+from app.settings import (AppSettings, checkpoint_file, default_checkpoint, find_checkpoints, find_indexes,
+                          load_settings)
+from app.views import caption_list, image_grid, model_card, word_list
+from retrieval.errors import RetrievalError
+from retrieval.search import ImageHit, ImageToText, Searcher
+
+EXAMPLES = ("a red bus on the street", "a pizza on a table", "a man riding a skateboard", "bus - red + yellow")
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
+WARM_UP_QUERY = "a photo of a street"
+MAX_K = 50
+DEFAULT_K = 10
+
+
+def script_argv() -> list[str]:
+    """Options after ``--`` of ``streamlit run`` (none when run otherwise, e.g. under AppTest)."""
+    if sys.argv and Path(sys.argv[0]).resolve() == Path(__file__).resolve():
+        return sys.argv[1:]
+    return []
+
+
+def _version(*paths: Path) -> tuple[float, ...]:
+    """Modification times: a rebuilt index or checkpoint is loaded afresh."""
+    return tuple(path.stat().st_mtime if path.exists() else 0.0 for path in paths)
+
+
+@st.cache_resource(show_spinner="Loading the model and the index…", max_entries=4)
+def load_searcher(checkpoint: str, index: str, version: tuple[float, ...]) -> Searcher:
+    """One Searcher per (checkpoint, index, file versions), shared by every session."""
+    searcher = Searcher.open(checkpoint, index)
+    try:  # the first query of a process pays for page faults in the word vectors; pay it here
+        searcher.text_to_image(WARM_UP_QUERY, 1)
+    except RetrievalError:
+        pass
+    return searcher
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def describe_image(_searcher: Searcher, searcher_id: str, data: bytes, k: int) -> tuple[ImageToText, list[ImageHit]]:
+    """image→text and image→image for an upload, cached per (searcher, upload, k)."""
+    image = Image.open(io.BytesIO(data))
+    return _searcher.image_to_text(image, k), _searcher.image_to_image(image, k)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def move_image(_searcher: Searcher, searcher_id: str, data: bytes, shift: str, k: int) -> list[ImageHit]:
+    """The upload moved by words (``"+ snow - grass"``), cached like :func:`describe_image`."""
+    return _searcher.image_plus_text(Image.open(io.BytesIO(data)), shift, k)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def checkpoint_for(run: str, index: str, names: tuple[str, ...], version: tuple[float, ...]) -> str | None:
+    """:func:`default_checkpoint`, cached: it hashes checkpoint files (tens of MB each)."""
+    return default_checkpoint(Path(run), Path(index), names)
+
+
+def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
+    """Run / index / checkpoint choice, k and the model card; returns (searcher, its id, k)."""
+    bar = st.sidebar
+    bar.title("retrieval")
+    run = Path(bar.text_input("Run directory", str(settings.run), help="written by `retrieval train`"))
+    indexes = [str(path) for path in find_indexes(run)]
+    if settings.index is not None and str(settings.index) not in indexes:
+        indexes.insert(0, str(settings.index))
+    if not run.is_dir() or not indexes:
+        st.error(f"no index in {run}; run `retrieval demo` (or `retrieval index --run {run}`) first")
+        return None, "", DEFAULT_K
+    index = Path(bar.selectbox("Index", indexes))
+    names = find_checkpoints(run)
+    files = [run / "checkpoints" / name for name in names] + [index / "images" / "stamp.json"]
+    chosen = settings.checkpoint or checkpoint_for(str(run), str(index), tuple(names), _version(*files))
+    if chosen is not None and chosen not in names:
+        names.insert(0, chosen)
+    if not names:
+        st.error(f"no checkpoint in {run / 'checkpoints'}; train a model with `retrieval train`")
+        return None, "", DEFAULT_K
+    checkpoint = bar.selectbox("Checkpoint", names, index=names.index(chosen),
+                               help="the index is searched with the checkpoint that built it")
+    path = checkpoint_file(run, checkpoint)
+    try:
+        searcher = load_searcher(str(path), str(index), _version(path, index / "images" / "stamp.json"))
+    except RetrievalError as error:
+        st.error(str(error))
+        return None, "", DEFAULT_K
+    k = bar.slider("Results (k)", 1, max(1, min(MAX_K, len(searcher.images))),
+                   min(DEFAULT_K, len(searcher.images)), key="k")
+    bar.subheader("Model")
+    bar.markdown(model_card(searcher, checkpoint))
+    return searcher, f"{path}|{index}|{_version(path, index / 'images' / 'stamp.json')}", k
+
+
+def _ms(milliseconds: float) -> str:
+    return f"{milliseconds:.1f} ms" if milliseconds < 10 else f"{milliseconds:.0f} ms"
+
+
+def _use_example(text: str) -> None:
+    st.session_state["query"] = text
+
+
+def text_search(searcher: Searcher, k: int) -> None:
+    """A text box; results as a thumbnail grid, errors as one line."""
+    query = st.text_input("Describe a photo", key="query",
+                          placeholder='a red bus on the street — or arithmetic such as "bus - red + yellow"')
+    examples = st.columns(len(EXAMPLES))
+    for column, example in zip(examples, EXAMPLES):
+        column.button(example, on_click=_use_example, args=(example,), key=f"example-{example}")
+    if not query or not query.strip():
+        st.caption("Type a description and press Enter. `a - b + c` adds and subtracts word vectors.")
+        return
+    started = time.perf_counter()
+    try:
+        hits = searcher.text_to_image(query, k)
+    except RetrievalError as error:
+        st.error(str(error))
+        return
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    st.caption(f"{len(hits)} images for “{query}” · searched in {_ms(elapsed_ms)}")
+    image_grid(hits)
+
+
+def image_search(searcher: Searcher, searcher_id: str, k: int) -> None:
+    """An upload: nearest captions and words, nearest images, and the image moved by words."""
+    upload = st.file_uploader("Upload a photo", type=UPLOAD_TYPES, key="upload")
+    shift = st.text_input("Add or remove words (optional)", key="shift", placeholder="+ snow - grass",
+                          help="moves the photo's embedding by word vectors, e.g. `+ snow - grass`")
+    if upload is None:
+        st.caption("Upload a photo to see the captions and words nearest to it, and similar photos.")
+        return
+    data = upload.getvalue()
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError):
+        st.error(f"cannot read {upload.name} as an image")
+        return
+    started = time.perf_counter()
+    described, similar = describe_image(searcher, searcher_id, data, k)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    photo, text = st.columns([1, 2])
+    photo.image(image, caption=upload.name)
+    with text:
+        st.markdown("**Nearest captions**")
+        caption_list(described.captions)
+        st.markdown("**Nearest words**")
+        word_list(described.words)
+        st.caption(f"answered in {_ms(elapsed_ms)}")
+    st.subheader("Similar photos")
+    image_grid(similar)
+    if shift and shift.strip():
+        st.subheader(f"The photo {shift.strip()}")
+        try:
+            image_grid(move_image(searcher, searcher_id, data, shift, k))
+        except RetrievalError as error:
+            st.error(str(error))
+
+
+def main() -> None:
+    st.set_page_config(page_title="retrieval — image and text search", page_icon="🔎", layout="wide")
+    searcher, searcher_id, k = sidebar(load_settings(script_argv()))
+    if searcher is None:
+        return
+    st.caption(f"Search {len(searcher.images):,} photos by a description (word arithmetic allowed) "
+               "or by a photo of your own.")
+    by_text, by_image = st.tabs(["Text → images", "Image → text and images"])
+    with by_text:
+        text_search(searcher, k)
+    with by_image:
+        image_search(searcher, searcher_id, k)
+
+
+main()

@@ -1,0 +1,76 @@
+"""``retrieval app``: open the Streamlit search app on a run's index (``runs/demo`` by default)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from retrieval.errors import DataError
+
+from pipelines.common import PROJECT_ROOT, checkpoint_path
+
+APP_FILE = PROJECT_ROOT / "app" / "streamlit_app.py"
+DEFAULT_PORT = 8501
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="retrieval app", description=__doc__)
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
+    parser.add_argument("--index", type=Path, help="index directory (default: <run>/index)")
+    parser.add_argument("--checkpoint", help="checkpoint name in <run>/checkpoints (default: the one that built "
+                                             "the index, else best.pt, else last.pt)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    parser.add_argument("--address", default="localhost", help="address to listen on (default: localhost)")
+    return parser.parse_args(argv)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse (one line) a missing run, index or checkpoint before starting the server."""
+    if not args.run.is_dir():
+        raise DataError(f"run directory {args.run} does not exist; run `retrieval demo` first "
+                        "(or pass --run DIR)")
+    index = args.index or args.run / "index"
+    if not (index / "images").is_dir():
+        raise DataError(f"no index in {index}; run `retrieval demo` or `retrieval index --run {args.run}` first")
+    if args.checkpoint and not checkpoint_path(args.run, args.checkpoint).is_file():
+        raise DataError(f"checkpoint {checkpoint_path(args.run, args.checkpoint)} does not exist")
+
+
+def streamlit_command(args: argparse.Namespace) -> list[str]:
+    """The ``streamlit run`` command line for these options (the app reads those after ``--``)."""
+    command = [sys.executable, "-m", "streamlit", "run", str(APP_FILE),
+               "--server.headless", "true", "--server.port", str(args.port),
+               "--server.address", args.address, "--browser.gatherUsageStats", "false",
+               "--", "--run", str(args.run)]
+    if args.index:
+        command += ["--index", str(args.index)]
+    if args.checkpoint:
+        command += ["--checkpoint", args.checkpoint]
+    return command
+
+
+def serve(command: list[str]) -> int:
+    """Run the server until it exits; SIGTERM and Ctrl-C stop it too (it never outlives this process)."""
+    server = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+    try:
+        return server.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_paths(args)
+    print(f"opening the app on {args.run} at http://{args.address}:{args.port} (Ctrl-C stops it)", flush=True)
+    return serve(streamlit_command(args))

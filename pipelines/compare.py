@@ -1,0 +1,90 @@
+"""``retrieval compare --config configs/compare_demo.yaml``: train every variant × seed, then write a report.
+
+The compare config names a base run config, the variants (``set`` overrides such as
+``loss.name=sigmoid-ce``, or ``kind: conse``), the seeds and the output folder. Shards are prepared
+first when the base config's shard folder has none. Writes ``<out>/results.json``, ``<out>/report.md``
+and PNG plots; finished runs whose config is unchanged are reused unless ``--fresh`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from retrieval.compare import CompareSpec, load_compare_config, run_comparison
+from retrieval.config import config_from_dict, config_to_dict
+from retrieval.data import read_manifest
+from retrieval.errors import DataError
+from retrieval.report import label, write_report
+
+from pipelines.common import PROJECT_ROOT
+from pipelines.demo import locate_data
+from pipelines.prepare import prepare
+
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "compare_demo.yaml"
+
+
+def ensure_shards(spec: CompareSpec) -> CompareSpec:
+    """Prepare the base config's shards when its shard folder has no manifest yet."""
+    config = config_from_dict(spec.base)
+    try:
+        read_manifest(config.data.shard_dir)
+        return spec
+    except DataError:
+        pass
+    try:
+        config = locate_data(config)  # a relative data path may point into the project (the embedded sample)
+    except DataError:
+        pass
+    print(f"preparing shards from {config.data.source}:{config.data.path} into {config.data.shard_dir}")
+    prepare(config)
+    return dataclasses.replace(spec, base=config_to_dict(config))
+
+
+def headline(results: dict) -> str:
+    """One line: the winner and its margin over the runner-up."""
+    verdict = results.get("verdict")
+    if not verdict:
+        return "no variant ran"
+    winner, metric = verdict["winner"], verdict["metric"]
+    if "runner_up" not in verdict:
+        return f"{winner['name']}: {label(metric)} {winner['mean']:.3f}"
+    other = verdict["runner_up"]
+    return (f"{winner['name']} beats {other['name']} by {other['margin']:+.3f} {label(metric)} "
+            f"({winner['mean']:.3f} vs {other['mean']:.3f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="retrieval compare", description=__doc__)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help="compare config (default: configs/compare_demo.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a field of the base run config for every variant (repeatable)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the config's)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the config's out)")
+    parser.add_argument("--fresh", action="store_true", help="retrain runs even when a finished one matches")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, help="torch CPU threads while comparing (default: torch's); 1 is "
+                        "often fastest for projection-only training, much faster on a busy machine")
+    args = parser.parse_args(argv)
+    spec = ensure_shards(load_compare_config(args.config, args.overrides, out=args.out, seeds=args.seeds))
+    command = shlex.join(["retrieval", "compare", *argv])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(args.threads or threads)
+        results = run_comparison(spec, command=command, progress=not args.no_progress, reuse=not args.fresh)
+    finally:
+        torch.set_num_threads(threads)
+    paths = write_report(results, spec.out)
+    print(headline(results))
+    for variant in results["variants"]:
+        if variant["status"] != "ok":
+            print(f"skipped {variant['name']}: {variant['note']}")
+    print(f"report: {paths['report']} (results: {spec.out / 'results.json'})")
+    return 0

@@ -1,0 +1,102 @@
+"""Fashion-MNIST scenes: 2x2 grids (56x56) of four random items captioned with their names in reading order.
+
+"a sneaker, a bag, a shirt and a dress" describes the top-left, top-right, bottom-left and
+bottom-right items. Train scenes are built from the train items, val scenes from the test items,
+so no val scene shares an item with training. Scenes are a pure function of the seed: the same
+``seed`` and counts give the same images and captions. Records carry no ``label`` (caption-only
+data: a caption is relevant to its own scene), but meta lists the items (``item_labels``,
+``item_keys``) for analyses by content.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from retrieval.data.fashion_mnist import (
+    CLASS_NAMES,
+    item_key,
+    load_fashion_mnist,
+    png_bytes,
+    resolve_fashion_mnist_dir,
+    subsample_per_class,
+)
+from retrieval.data.sources import Record
+from retrieval.errors import ConfigError
+
+ITEMS_PER_SCENE = 4
+_SPLIT_STREAMS = {"train": 0, "val": 1}
+
+
+def with_article(name: str) -> str:
+    """ "a sneaker", "an ankle boot"."""
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def scene_caption(labels: Sequence[int]) -> str:
+    """The caption of items ``labels`` in reading order: "a sneaker, a bag, a shirt and a dress"."""
+    names = [with_article(CLASS_NAMES[int(label)]) for label in labels]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def compose_scene(items: np.ndarray) -> np.ndarray:
+    """Four (h, w) images → one (2h, 2w) image: top-left, top-right, bottom-left, bottom-right."""
+    if len(items) != ITEMS_PER_SCENE:
+        raise ValueError(f"a scene needs {ITEMS_PER_SCENE} items, got {len(items)}")
+    return np.concatenate([np.concatenate(items[:2], axis=1), np.concatenate(items[2:], axis=1)], axis=0)
+
+
+def scene_counts(scene_count: int, val_fraction: float) -> dict[str, int]:
+    """Scenes per split: ``round(scene_count * val_fraction)`` val scenes, the rest train."""
+    if not isinstance(scene_count, (int, np.integer)) or isinstance(scene_count, bool) or scene_count < 1:
+        raise ConfigError(f"data.scene_count must be a positive integer, got {scene_count!r}")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {val_fraction!r}")
+    val = int(round(scene_count * val_fraction))
+    return {"train": scene_count - val, "val": val}
+
+
+def scene_items(pool_size: int, count: int, seed: int, split: str) -> np.ndarray:
+    """(count, 4) pool positions: four distinct items per scene, drawn from a generator of (seed, split)."""
+    if pool_size < ITEMS_PER_SCENE:
+        raise ConfigError(f"Fashion-MNIST {split} split has {pool_size} items; a scene needs {ITEMS_PER_SCENE}")
+    rng = np.random.default_rng([int(seed), _SPLIT_STREAMS[split]])
+    picks = rng.integers(0, pool_size, size=(count, ITEMS_PER_SCENE))
+    for row in np.flatnonzero([len(set(p)) < ITEMS_PER_SCENE for p in picks.tolist()]):
+        picks[row] = rng.choice(pool_size, ITEMS_PER_SCENE, replace=False)
+    return picks
+
+
+def records_from_fashion_mnist_scenes(
+    path: str | os.PathLike | None = None,
+    *,
+    scene_count: int = 20000,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    limit_per_class: int | None = None,
+) -> Iterator[Record]:
+    """``scene_count`` scenes (``val_fraction`` of them val, from test items), train first.
+
+    ``limit_per_class`` first restricts each split's item pool (a seeded subsample per class).
+    """
+    counts = scene_counts(scene_count, val_fraction)
+    subsample_per_class(np.zeros(0, dtype=np.int64), limit_per_class)  # validate before reading
+    folder = resolve_fashion_mnist_dir(path)
+    return _scene_records(folder, counts, seed, limit_per_class)
+
+
+def _scene_records(folder: Path, counts: dict[str, int], seed: int, limit: int | None) -> Iterator[Record]:
+    for split, count in counts.items():
+        if count == 0:
+            continue
+        images, labels = load_fashion_mnist(folder, split)
+        pool = subsample_per_class(labels, limit, seed)
+        for number, picks in enumerate(scene_items(len(pool), count, seed, split)):
+            chosen = pool[picks]
+            item_labels = [int(label) for label in labels[chosen]]
+            meta = {"split": split, "item_labels": item_labels, "item_keys": [item_key(split, int(i)) for i in chosen]}
+            yield Record(f"scene-{split}-{number:06d}", png_bytes(compose_scene(images[chosen])), "png",
+                         (scene_caption(item_labels),), meta, origin=f"{folder} ({split} scene {number})")
