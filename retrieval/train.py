@@ -29,8 +29,9 @@ from retrieval.embed import (EncodedCollection, caption_pairs, encode_shards, ev
 from retrieval.errors import DataError
 from retrieval.evaluation import cross_modal_report
 from retrieval.io import atomic_path
-from retrieval.losses import create_loss
-from retrieval.models import ImageEncoder, create_backbone
+from retrieval.losses import LOSSES, create_loss
+from retrieval.models import BACKBONES, ImageEncoder, create_backbone
+from retrieval.negatives import NEGATIVE_SAMPLERS
 from retrieval.targets import build_caption_encoder, load_vectors, vectors_fingerprint
 
 
@@ -89,6 +90,13 @@ def class_labels(meta: list[dict]) -> np.ndarray | None:
     return None
 
 
+def check_names(config: Config) -> None:
+    """Fail fast, before any data is read, on a loss, negative sampler or backbone name that does not exist."""
+    LOSSES.get(config.loss.name)
+    NEGATIVE_SAMPLERS.get(config.loss.negatives)
+    BACKBONES.get(config.model.backbone)
+
+
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Run a block with ``count`` torch CPU threads, restoring the previous setting."""
@@ -109,6 +117,7 @@ class Trainer:
     """Holds the state of one run; :func:`fit` is the entry point."""
 
     def __init__(self, config: Config, progress: bool = True) -> None:
+        check_names(config)
         self.config = config
         self.progress = progress
         self.device = resolve_device(config.train.device)
