@@ -69,7 +69,56 @@ class OOVStats:
         return line
 
 
-class CaptionEncoder:
+class TextEncoder:
+    """Single captions, queries and word arithmetic on top of a subclass's ``encode_batch``.
+
+    Subclasses provide ``encode_batch(texts) -> (vectors, known mask, stats)``, ``normalize`` and
+    ``_no_vector_error(text, where)``, the error for a text that gives no vector.
+    """
+
+    normalize: bool
+
+    def encode_batch(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, OOVStats]:
+        raise NotImplementedError
+
+    def _no_vector_error(self, text: str, where: str) -> QueryError:
+        raise NotImplementedError
+
+    def encode(self, caption: str) -> np.ndarray | None:
+        """The float32 vector of one caption, or None when it gives no vector."""
+        vectors, mask, _ = self.encode_batch([caption])
+        return vectors[0] if mask[0] else None
+
+    def encode_query(self, text: str) -> np.ndarray:
+        """Like ``encode`` but raises ``QueryError`` when the query gives no vector."""
+        vector = self.encode(text)
+        if vector is None:
+            raise self._no_vector_error(text, f"query {text!r}")
+        return vector
+
+    def encode_arithmetic(self, query: str) -> np.ndarray:
+        """Signed sum of the term vectors of ``query`` (see ``parse_arithmetic``).
+
+        Each term is encoded like a caption (unit length if ``normalize``); with ``normalize``
+        the sum is L2-normalized too. Raises ``QueryError`` for a term that gives no vector or a
+        sum that cancels to zero ("dog - dog").
+        """
+        terms = parse_arithmetic(query)
+        vectors, known, _ = self.encode_batch([term for _, term in terms])
+        total = np.zeros(vectors.shape[1], dtype=np.float64)
+        for (sign, term), vector, ok in zip(terms, vectors, known):
+            if not ok:
+                raise self._no_vector_error(term, f"term {term!r} of query {query!r}")
+            total += sign * vector.astype(np.float64)
+        norm = float(np.linalg.norm(total))
+        if norm < 1e-6:
+            raise QueryError(f"query {query!r} cancels out to a zero vector")
+        if self.normalize:
+            total /= norm
+        return total.astype(np.float32)
+
+
+class CaptionEncoder(TextEncoder):
     """Maps text to the weighted mean of its known words' vectors.
 
     ``weighting="mean"``: every known token occurrence has weight 1 (repeats count).
@@ -165,37 +214,8 @@ class CaptionEncoder:
             out = out / np.where(norms > 0, norms, 1.0)
         return out, mask, stats
 
-    def encode(self, caption: str) -> np.ndarray | None:
-        """The float32 vector of one caption, or None when it has no known word."""
-        vectors, mask, _ = self.encode_batch([caption])
-        return vectors[0] if mask[0] else None
-
-    def encode_query(self, text: str) -> np.ndarray:
-        """Like ``encode`` but raises ``QueryError`` naming the unknown words when none is known."""
-        vector = self.encode(text)
-        if vector is None:
-            raise QueryError(f"no known word in query {text!r}: {_unknown_words(text)}")
-        return vector
-
-    def encode_arithmetic(self, query: str) -> np.ndarray:
-        """Signed sum of the term vectors of ``query`` (see ``parse_arithmetic``).
-
-        Each term is encoded like a caption (weighted mean; unit length if ``normalize``);
-        with ``normalize`` the sum is L2-normalized too. Raises ``QueryError`` for a term
-        with no known word or a sum that cancels to zero ("dog - dog").
-        """
-        total = np.zeros(self.dim, dtype=np.float64)
-        for sign, term in parse_arithmetic(query):
-            vector = self.encode(term)
-            if vector is None:
-                raise QueryError(f"no known word in term {term!r} of query {query!r}: {_unknown_words(term)}")
-            total += sign * vector.astype(np.float64)
-        norm = float(np.linalg.norm(total))
-        if norm < 1e-6:
-            raise QueryError(f"query {query!r} cancels out to a zero vector")
-        if self.normalize:
-            total /= norm
-        return total.astype(np.float32)
+    def _no_vector_error(self, text: str, where: str) -> QueryError:
+        return QueryError(f"no known word in {where}: {_unknown_words(text)}")
 
     def state_dict(self) -> dict[str, Any]:
         """Weighting, normalization and idf as a JSON-serializable dict (vectors not included)."""

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.errors import ConfigError, DataError, QueryError
-from retrieval.text.captions import OOVStats, parse_arithmetic
+from retrieval.text.captions import OOVStats, TextEncoder
 
 SENTENCE_KIND = "sentence-transformer"
 INSTALL_HINT = "pip install -e .[sentence]"
@@ -143,7 +143,7 @@ def _load_model(folder: str, device: str) -> tuple[Any, Any]:
     return tokenizer, model.to(device).eval()
 
 
-class SentenceEncoder:
+class SentenceEncoder(TextEncoder):
     """Captions → vectors with a frozen transformer (mean or CLS pooling, optional L2 normalisation).
 
     ``normalize=None`` follows the folder (a ``Normalize`` module, as all-MiniLM-L6-v2 has).
@@ -241,27 +241,8 @@ class SentenceEncoder:
             stats.unknown_words.update(unknown)
         return out, mask, stats
 
-    def encode(self, caption: str) -> np.ndarray | None:
-        """The float32 vector of one caption, or None when it is empty."""
-        vectors, mask, _ = self.encode_batch([caption])
-        return vectors[0] if mask[0] else None
-
-    def encode_query(self, text: str) -> np.ndarray:
-        """Like ``encode`` but an empty query raises ``QueryError``."""
-        vector = self.encode(text)
-        if vector is None:
-            raise QueryError("empty query: type some words")
-        return vector
-
-    def encode_arithmetic(self, query: str) -> np.ndarray:
-        """Signed sum of the encoded terms of ``query`` ("dog - grass + snow"); unit length if ``normalize``."""
-        terms = parse_arithmetic(query)
-        vectors, _, _ = self.encode_batch([term for _, term in terms])
-        total = sum(sign * vectors[i].astype(np.float64) for i, (sign, _) in enumerate(terms))
-        norm = float(np.linalg.norm(total))
-        if norm < 1e-6:
-            raise QueryError(f"query {query!r} cancels out to a zero vector")
-        return (total / norm if self.normalize else total).astype(np.float32)
+    def _no_vector_error(self, text: str, where: str) -> QueryError:
+        return QueryError("empty query: type some words")  # only empty text gives no vector
 
     def fingerprint(self) -> str:
         """16 hex digits over the files that define the model (config, tokenizer, weights) and the settings."""
