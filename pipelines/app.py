@@ -52,6 +52,17 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """Terminate the server, then kill it if it lingers."""
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
 def serve(command: list[str]) -> int:
     """Run the server until it exits; SIGTERM and Ctrl-C stop it too (it never outlives this process)."""
     server = subprocess.Popen(command)
@@ -60,13 +71,7 @@ def serve(command: list[str]) -> int:
         return server.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        stop_server(server)
 
 
 def main(argv: list[str] | None = None) -> int:

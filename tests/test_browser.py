@@ -21,6 +21,8 @@ from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
 from retrieval.indexing import build_index
 
+from pipelines.app import stop_server
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -55,17 +57,6 @@ def wait_until_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"streamlit did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(server: subprocess.Popen) -> None:
-    """Terminate the server, then kill it if it lingers."""
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def app_url(trained_run, sample_shards, tmp_path_factory) -> Iterator[str]:
     """`streamlit run` on an index of the held-out photos; the server is always stopped afterwards."""
@@ -86,7 +77,7 @@ def app_url(trained_run, sample_shards, tmp_path_factory) -> Iterator[str]:
         wait_until_healthy(url, server, log)
         yield url
     finally:
-        stop(server)
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")
