@@ -11,13 +11,12 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 
 from retrieval.config import Config
 from retrieval.data import list_shards
 from retrieval.embed import caption_pairs
 from retrieval.errors import DataError
-from retrieval.evaluation import chance_report
+from retrieval.evaluation import chance_report, relevance
 from retrieval.train import fit, read_shard_records
 
 from pipelines.common import PROJECT_ROOT, add_config_args, config_from_args, format_metrics_table
@@ -45,7 +44,8 @@ def chance_levels(config: Config, searcher) -> dict:
     records = read_shard_records(list_shards(config.data.shard_dir, "val"))
     captions = [record["captions"] for record in records]
     _, owner, _ = caption_pairs(captions, searcher.model.caption_encoder.encode_batch)
-    return chance_report(owner, np.arange(len(captions)), config.train.ks)
+    caption_labels, image_labels, _ = relevance([record.get("meta", {}) for record in records], owner)
+    return chance_report(caption_labels, image_labels, config.train.ks)
 
 
 def main(argv: list[str] | None = None) -> int:

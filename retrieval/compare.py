@@ -26,12 +26,12 @@ from retrieval.checkpoint import load_checkpoint
 from retrieval.config import Config, apply_overrides, config_from_dict, config_to_dict
 from retrieval.data import list_shards
 from retrieval.errors import ConfigError, RetrievalError
-from retrieval.evaluation import (HeldOutSplit, check_metric_name, full_report, load_held_out, model_embeddings,
-                                  summarize_runs)
+from retrieval.evaluation import (HeldOutSplit, check_metric_name, full_report, image_classes, load_held_out,
+                                  model_embeddings, summarize_runs)
 from retrieval.io import write_json
 from retrieval.losses import LOSSES
 from retrieval.targets import build_caption_encoder, load_vectors
-from retrieval.train import class_labels, fit, read_shard_records, resolve_device
+from retrieval.train import fit, read_shard_records, resolve_device
 
 RESULTS_FORMAT = "retrieval-compare/1"
 RUN_RECORD = "compare_run.json"  # a finished run's record, reused when its config is unchanged
@@ -201,7 +201,7 @@ def load_data(spec: CompareSpec) -> _Data:
         captions, meta = [r["captions"] for r in records], [r.get("meta", {}) for r in records]
     features = time.perf_counter() - started
     identity = [[os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)] for f in shards + held_out.shards]
-    return _Data(held_out, [c for image in captions for c in image], class_labels(meta), identity,
+    return _Data(held_out, [c for image in captions for c in image], image_classes(meta), identity,
                  {"features": features, "text": warm_up_text(spec)})
 
 

@@ -27,7 +27,7 @@ from retrieval.data import list_shards, make_loader, make_train_pipeline
 from retrieval.embed import (EncodedCollection, caption_pairs, encode_shards, eval_transform, split_features,
                              train_transform)
 from retrieval.errors import DataError
-from retrieval.evaluation import cross_modal_report
+from retrieval.evaluation import cross_modal_report, image_classes, relevance
 from retrieval.io import atomic_path
 from retrieval.losses import LOSSES, create_loss
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
@@ -81,13 +81,6 @@ def read_shard_records(shards: list[str]) -> list[dict]:
     """Keys, captions and metadata of every sample, without decoding images."""
     dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False).to_tuple("__key__", "json")
     return [{"key": key, **json.loads(payload)} for key, payload in dataset]
-
-
-def class_labels(meta: list[dict]) -> np.ndarray | None:
-    """Integer class ids when every sample's metadata has a ``label``; None for caption-only data."""
-    if meta and all("label" in m for m in meta):
-        return np.asarray([int(m["label"]) for m in meta])
-    return None
 
 
 def check_names(config: Config) -> None:
@@ -162,7 +155,7 @@ class Trainer:
         tqdm.write(f"train captions: {stats.summary()}")
         self.train_vectors = torch.from_numpy(np.ascontiguousarray(vectors)).float()
         self.train_owner = torch.from_numpy(owner).long()
-        self.classes = class_labels(self.train_set.meta)
+        self.classes = image_classes(self.train_set.meta)
         self.num_classes = int(self.classes.max()) + 1 if self.classes is not None else None
 
     def _build_model(self) -> None:
@@ -252,11 +245,8 @@ class Trainer:
         """Val caption vectors with their relevance labels, encoded once per run (they are frozen)."""
         if getattr(self, "_val_captions", None) is None:
             captions, owner, _ = caption_pairs(collection.captions, self.caption_encoder.encode_batch)
-            labels = class_labels(collection.meta)
-            if labels is not None:  # relevance by class: a caption is relevant to every image of its class
-                self._val_captions = (captions, labels[owner], labels)
-            else:
-                self._val_captions = (captions, owner, np.arange(len(collection.keys)))
+            caption_labels, image_labels, _ = relevance(collection.meta, owner)
+            self._val_captions = (captions, caption_labels, image_labels)
         return self._val_captions
 
     def save(self, name: str, epoch: int, metrics: dict) -> Path:

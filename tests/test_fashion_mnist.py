@@ -25,7 +25,7 @@ from retrieval.data.fashion_mnist import (
 )
 from retrieval.data.fashion_mnist_scenes import compose_scene, records_from_fashion_mnist_scenes, scene_caption
 from retrieval.errors import ConfigError, DataError
-from retrieval.train import class_labels
+from retrieval.evaluation import image_classes
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 6, 3
 
@@ -100,7 +100,7 @@ def test_records_captions_meta_and_pixels(fmnist_dir: Path) -> None:
     assert splits == {"train": 10 * TRAIN_PER_CLASS, "val": 10 * TEST_PER_CLASS}
     assert CLASS_NAMES == ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                            "ankle boot")
-    assert class_labels([r.meta for r in records]) is not None  # labelled: class data for training
+    assert image_classes([r.meta for r in records]) is not None  # labelled: class data for training
 
 
 def test_limit_per_class_is_a_seeded_subsample(fmnist_dir: Path) -> None:
@@ -173,7 +173,7 @@ def test_scenes_match_their_items_and_are_deterministic(fmnist_dir: Path) -> Non
     assert [(r.key, r.captions, r.image_bytes) for r in again] == [(r.key, r.captions, r.image_bytes) for r in scenes]
     other = list(records_from_fashion_mnist_scenes(fmnist_dir, scene_count=40, val_fraction=0.25, seed=4))
     assert [r.captions for r in other] != [r.captions for r in scenes]
-    assert class_labels([r.meta for r in scenes]) is None  # caption-only data
+    assert image_classes([r.meta for r in scenes]) is None  # caption-only data
     with pytest.raises(ConfigError, match="data.scene_count"):
         records_from_fashion_mnist_scenes(fmnist_dir, scene_count=0)
 
