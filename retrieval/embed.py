@@ -15,7 +15,7 @@ import torch
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from retrieval.data import iter_samples
+from retrieval.data import Sample, iter_samples
 from retrieval.io import atomic_path
 
 
@@ -44,8 +44,11 @@ class EncodedCollection:
 @torch.no_grad()
 def encode_shards(shards: Sequence[str], forward: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
                   *, batch_size: int = 32, device: str = "cpu", desc: str = "encoding images",
-                  progress: bool = True) -> EncodedCollection:
-    """Run ``forward`` over every image of ``shards`` (in order) and keep captions and metadata."""
+                  progress: bool = True, visit: Callable[[Sample], None] | None = None) -> EncodedCollection:
+    """Run ``forward`` over every image of ``shards`` (in order) and keep captions and metadata.
+
+    ``visit`` is called with each decoded sample, so other per-image work needs no second read.
+    """
     outputs, keys, captions, meta, batch = [], [], [], [], []
 
     def flush() -> None:
@@ -54,6 +57,8 @@ def encode_shards(shards: Sequence[str], forward: Callable[[torch.Tensor], torch
             batch.clear()
 
     for sample in tqdm(iter_samples(shards), desc=desc, unit="img", leave=False, disable=not progress):
+        if visit is not None:
+            visit(sample)
         batch.append(transform(sample.image))
         keys.append(sample.key)
         captions.append(list(sample.captions))
@@ -65,15 +70,23 @@ def encode_shards(shards: Sequence[str], forward: Callable[[torch.Tensor], torch
     return EncodedCollection(vectors, keys, captions, meta)
 
 
-def caption_pairs(captions: Sequence[Sequence[str]], encode_batch: Callable) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Every known caption of a collection: (vectors (M, D), owning image index (M,), OOV stats).
+def known_captions(captions: Sequence[Sequence[str]], encode_batch: Callable
+                   ) -> tuple[list[str], np.ndarray, np.ndarray, Any]:
+    """Every known caption of a collection: (texts, vectors (M, D), owning image index (M,), OOV stats).
 
     ``captions[i]`` are the captions of image ``i``; captions with no known word are left out.
     """
     flat = [caption for image_captions in captions for caption in image_captions]
     owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
     vectors, known, stats = encode_batch(flat)
-    return vectors[known], owner[known], stats
+    texts = [caption for caption, ok in zip(flat, known) if ok]
+    return texts, vectors[known], owner[known], stats
+
+
+def caption_pairs(captions: Sequence[Sequence[str]], encode_batch: Callable) -> tuple[np.ndarray, np.ndarray, Any]:
+    """:func:`known_captions` without the texts: (vectors (M, D), owning image index (M,), OOV stats)."""
+    _, vectors, owner, stats = known_captions(captions, encode_batch)
+    return vectors, owner, stats
 
 
 def feature_cache_path(cache_dir: str | Path, backbone: str, weights: str, image_size: int,

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from retrieval.checkpoint import LoadedModel
-from retrieval.data import iter_samples
-from retrieval.embed import caption_pairs, encode_shards, eval_transform
+from retrieval.data import Sample
+from retrieval.embed import encode_shards, eval_transform, known_captions
 from retrieval.errors import ConfigError
 from retrieval.index import VectorIndex
 from retrieval.io import atomic_dir
@@ -42,19 +41,15 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def write_thumbnails(shards: Sequence[str], out_dir: Path) -> dict[str, str]:
-    """One small JPEG per image; returns key → path relative to the index directory."""
-    (out_dir / "thumbnails").mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for sample in tqdm(iter_samples(shards), desc="thumbnails", unit="img", leave=False):
-        image = sample.image.convert("RGB")
-        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-        relative = f"thumbnails/{sample.key}.jpg"
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        (out_dir / relative).write_bytes(buffer.getvalue())
-        paths[sample.key] = relative
-    return paths
+def write_thumbnail(sample: Sample, out_dir: Path) -> str:
+    """Save a small JPEG of ``sample`` under ``out_dir/thumbnails``; returns its relative path."""
+    image = sample.image.convert("RGB")
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    relative = f"thumbnails/{sample.key}.jpg"
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    (out_dir / relative).write_bytes(buffer.getvalue())
+    return relative
 
 
 def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, *, kind: str = "auto",
@@ -63,26 +58,27 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
     out_dir = Path(out_dir)
     metric = search_metric(model, metric)
     transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
-    collection = encode_shards(shards, model.embed_images, transform, device=device, desc="embedding images")
-    caption_vectors, owner, _ = caption_pairs(collection.captions, model.caption_encoder.encode_batch)
     stamp = stamp_for(model)
-    image_vectors = collection.vectors.numpy().astype(np.float32)
-    if metric == "cosine":  # cosine = inner product of unit vectors, on both sides
-        image_vectors, caption_vectors, metric = unit_rows(image_vectors), unit_rows(caption_vectors), "ip"
     with atomic_dir(out_dir) as tmp:
-        thumbs = write_thumbnails(shards, tmp) if thumbnails else {}
+        thumbs: dict[str, str] = {}
+
+        def save_thumbnail(sample: Sample) -> None:  # during the one pass over the shards
+            thumbs[sample.key] = write_thumbnail(sample, tmp)
+
+        if thumbnails:
+            (tmp / "thumbnails").mkdir()
+        collection = encode_shards(shards, model.embed_images, transform, device=device, desc="embedding images",
+                                   visit=save_thumbnail if thumbnails else None)
+        texts, caption_vectors, owner, _ = known_captions(collection.captions, model.caption_encoder.encode_batch)
+        image_vectors = collection.vectors.numpy().astype(np.float32)
+        if metric == "cosine":  # cosine = inner product of unit vectors, on both sides
+            image_vectors, caption_vectors, metric = unit_rows(image_vectors), unit_rows(caption_vectors), "ip"
         metadata = [{"key": key, "captions": captions, "thumbnail": thumbs.get(key), "meta": meta}
                     for key, captions, meta in zip(collection.keys, collection.captions, collection.meta)]
-        images = VectorIndex.build(image_vectors, metadata, kind=kind,
-                                   metric=metric, stamp=stamp)
-        images.save(tmp / IMAGE_INDEX_DIR)
-        flat = [c for captions in collection.captions for c in captions]
-        _, known, _ = model.caption_encoder.encode_batch(flat)
-        caption_meta = [{"caption": c, "key": collection.keys[i]}
-                        for c, i in zip(np.asarray(flat, dtype=object)[known], owner)]
-        captions = VectorIndex.build(caption_vectors.astype(np.float32), caption_meta, kind="flat", metric=metric,
-                                     stamp=stamp)
-        captions.save(tmp / CAPTION_INDEX_DIR)
-        vocabulary = caption_vocabulary(flat, caption_vectors, model.caption_encoder)
+        VectorIndex.build(image_vectors, metadata, kind=kind, metric=metric, stamp=stamp).save(tmp / IMAGE_INDEX_DIR)
+        caption_meta = [{"caption": text, "key": collection.keys[i]} for text, i in zip(texts, owner)]
+        VectorIndex.build(caption_vectors.astype(np.float32), caption_meta, kind="flat", metric=metric,
+                          stamp=stamp).save(tmp / CAPTION_INDEX_DIR)
+        vocabulary = caption_vocabulary(texts, caption_vectors, model.caption_encoder)
         (tmp / VOCABULARY_FILE).write_text(json.dumps(vocabulary))
     return out_dir
