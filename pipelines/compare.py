@@ -21,6 +21,7 @@ from retrieval.config import config_from_dict, config_to_dict
 from retrieval.data import read_manifest
 from retrieval.errors import DataError
 from retrieval.report import label, write_report
+from retrieval.train import torch_threads
 
 from pipelines.common import PROJECT_ROOT
 from pipelines.demo import locate_data
@@ -75,12 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = ensure_shards(load_compare_config(args.config, args.overrides, out=args.out, seeds=args.seeds))
     command = shlex.join(["retrieval", "compare", *argv])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(args.threads or threads)
+    with torch_threads(args.threads or torch.get_num_threads()):
         results = run_comparison(spec, command=command, progress=not args.no_progress, reuse=not args.fresh)
-    finally:
-        torch.set_num_threads(threads)
     paths = write_report(results, spec.out)
     print(headline(results))
     for variant in results["variants"]:

@@ -120,6 +120,7 @@ class Trainer:
         self.backbone = create_backbone(config.model.backbone, config.model.weights)
         self.cached = config.model.freeze_backbone and config.train.cache_features
         self.generator = torch.Generator().manual_seed(config.train.seed)
+        self._val_captions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._load_collections()
         self._build_text_side()
         self._build_model()
@@ -243,7 +244,7 @@ class Trainer:
 
     def _held_out_captions(self, collection: EncodedCollection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Val caption vectors with their relevance labels, encoded once per run (they are frozen)."""
-        if getattr(self, "_val_captions", None) is None:
+        if self._val_captions is None:
             captions, owner, _ = caption_pairs(collection.captions, self.caption_encoder.encode_batch)
             caption_labels, image_labels, _ = relevance(collection.meta, owner)
             self._val_captions = (captions, caption_labels, image_labels)
