@@ -8,19 +8,18 @@ beat the defaults (``runs/demo``, ``<run>/index`` and the checkpoint that built 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from retrieval.checkpoint import file_fingerprint
-from retrieval.search import IMAGE_INDEX_DIR
+from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, IndexDir, RunDir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = Path("runs/demo")
 ENV_RUN, ENV_INDEX, ENV_CHECKPOINT = "RETRIEVAL_RUN", "RETRIEVAL_INDEX", "RETRIEVAL_CHECKPOINT"
-CHECKPOINT_PREFERENCE = ("best.pt", "last.pt")
+CHECKPOINT_PREFERENCE = (BEST_CHECKPOINT, LAST_CHECKPOINT)
 
 
 @dataclass(frozen=True)
@@ -63,49 +62,30 @@ def default_run() -> Path:
     return PROJECT_ROOT / DEFAULT_RUN
 
 
-def is_index(path: Path) -> bool:
-    """Whether ``path`` looks like an index directory written by ``retrieval index``."""
-    return (Path(path) / IMAGE_INDEX_DIR / "stamp.json").is_file()
-
-
 def find_indexes(run: Path) -> list[Path]:
     """Index directories of a run: ``<run>/index`` first, then any other sub-directory holding one."""
-    run = Path(run)
-    if not run.is_dir():
-        return []
-    found = [child for child in sorted(run.iterdir()) if child.is_dir() and is_index(child)]
-    return sorted(found, key=lambda path: path.name != "index")
+    return [index.path for index in RunDir(run).indexes()]
 
 
 def find_checkpoints(run: Path) -> list[str]:
     """Checkpoint file names of a run, best.pt and last.pt first."""
-    folder = Path(run) / "checkpoints"
-    names = sorted(path.name for path in folder.glob("*.pt")) if folder.is_dir() else []
+    names = RunDir(run).checkpoint_names()
     return sorted(names, key=lambda name: (CHECKPOINT_PREFERENCE + (name,)).index(name))
 
 
 def checkpoint_file(run: Path, checkpoint: str) -> Path:
     """A bare name is a file of ``<run>/checkpoints``; anything with a directory part is a path."""
     path = Path(checkpoint)
-    return path if len(path.parts) > 1 else Path(run) / "checkpoints" / checkpoint
-
-
-def index_model_fingerprint(index: Path) -> str | None:
-    """The checkpoint fingerprint an index is stamped with (None when unreadable)."""
-    try:
-        info = json.loads((Path(index) / IMAGE_INDEX_DIR / "stamp.json").read_text(encoding="utf-8"))
-        return str(info["stamp"]["model"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return path if len(path.parts) > 1 else RunDir(run).checkpoint(checkpoint)
 
 
 def matching_checkpoint(run: Path, index: Path, names: Sequence[str]) -> str | None:
     """The checkpoint among ``names`` that built ``index`` (the demo indexes with last.pt), if any."""
-    wanted = index_model_fingerprint(index)
+    wanted = IndexDir(index).model_fingerprint()
     if wanted is None:
         return None
     for name in names:
-        if file_fingerprint(Path(run) / "checkpoints" / name) == wanted:
+        if file_fingerprint(RunDir(run).checkpoint(name)) == wanted:
             return name
     return None
 

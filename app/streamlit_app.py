@@ -24,6 +24,7 @@ from app.settings import (AppSettings, checkpoint_file, default_checkpoint, find
                           load_settings)
 from app.views import caption_list, image_grid, model_card, word_list
 from retrieval.errors import RetrievalError
+from retrieval.rundir import IndexDir, RunDir
 from retrieval.search import ImageHit, ImageToText, Searcher
 
 EXAMPLES = ("a red bus on the street", "a pizza on a table", "a man riding a skateboard", "bus - red + yellow")
@@ -86,20 +87,20 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
     if not run.is_dir() or not indexes:
         st.error(f"no index in {run}; run `retrieval demo` (or `retrieval index --run {run}`) first")
         return None, "", DEFAULT_K
-    index = Path(bar.selectbox("Index", indexes))
+    index = IndexDir(bar.selectbox("Index", indexes))
     names = find_checkpoints(run)
-    files = [run / "checkpoints" / name for name in names] + [index / "images" / "stamp.json"]
+    files = [RunDir(run).checkpoint(name) for name in names] + [index.stamp_file]
     chosen = settings.checkpoint or checkpoint_for(str(run), str(index), tuple(names), _version(*files))
     if chosen is not None and chosen not in names:
         names.insert(0, chosen)
     if not names:
-        st.error(f"no checkpoint in {run / 'checkpoints'}; train a model with `retrieval train`")
+        st.error(f"no checkpoint in {RunDir(run).checkpoints}; train a model with `retrieval train`")
         return None, "", DEFAULT_K
     checkpoint = bar.selectbox("Checkpoint", names, index=names.index(chosen),
                                help="the index is searched with the checkpoint that built it")
     path = checkpoint_file(run, checkpoint)
     try:
-        searcher = load_searcher(str(path), str(index), _version(path, index / "images" / "stamp.json"))
+        searcher = load_searcher(str(path), str(index), _version(path, index.stamp_file))
     except RetrievalError as error:
         st.error(str(error))
         return None, "", DEFAULT_K
@@ -107,7 +108,7 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
                    min(DEFAULT_K, len(searcher.images)), key="k")
     bar.subheader("Model")
     bar.markdown(model_card(searcher, checkpoint))
-    return searcher, f"{path}|{index}|{_version(path, index / 'images' / 'stamp.json')}", k
+    return searcher, f"{path}|{index}|{_version(path, index.stamp_file)}", k
 
 
 def _ms(milliseconds: float) -> str:

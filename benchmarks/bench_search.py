@@ -28,10 +28,12 @@ import numpy as np
 from retrieval.checkpoint import LoadedModel, loss_kwargs
 from retrieval.config import load_config
 from retrieval.index import VectorIndex
+from retrieval.indexing import caption_vocabulary
 from retrieval.io import write_json
 from retrieval.losses import create_loss
 from retrieval.models import create_encoder
-from retrieval.search import CAPTION_INDEX_DIR, VOCABULARY_FILE, Searcher, caption_vocabulary
+from retrieval.rundir import IndexDir
+from retrieval.search import Searcher
 from retrieval.text import CaptionEncoder, load_word_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +76,11 @@ def make_searcher(model: LoadedModel, images: VectorIndex, queries: Sequence[str
     vectors, known, _ = model.caption_encoder.encode_batch(list(queries))
     captions = VectorIndex.build(vectors[known], [{"caption": q} for q, ok in zip(queries, known) if ok],
                                  kind="flat", metric=images.metric, stamp={"bench": True}, use_gpu=False)
-    captions.save(index_dir / CAPTION_INDEX_DIR)
+    folder = IndexDir(index_dir)
+    captions.save(folder.captions)
     vocabulary = caption_vocabulary(list(queries), vectors[known], model.caption_encoder)
-    (index_dir / VOCABULARY_FILE).write_text(json.dumps(vocabulary))
-    return Searcher(model, images, captions, index_dir)
+    folder.vocabulary_file.write_text(json.dumps(vocabulary))
+    return Searcher(model, images, captions, folder)
 
 
 def latencies(call: Callable[[Any], Any], inputs: Sequence[Any], rounds: int, warmup: int = 20) -> np.ndarray:

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from retrieval.errors import DataError
+from retrieval.rundir import IndexDir, RunDir
 
-from pipelines.common import PROJECT_ROOT, checkpoint_path
+from pipelines.common import PROJECT_ROOT
 
 APP_FILE = PROJECT_ROOT / "app" / "streamlit_app.py"
 DEFAULT_PORT = 8501
@@ -32,11 +33,12 @@ def check_paths(args: argparse.Namespace) -> None:
     if not args.run.is_dir():
         raise DataError(f"run directory {args.run} does not exist; run `retrieval demo` first "
                         "(or pass --run DIR)")
-    index = args.index or args.run / "index"
-    if not (index / "images").is_dir():
+    run = RunDir(args.run)
+    index = IndexDir(args.index) if args.index else run.index
+    if not index.exists():
         raise DataError(f"no index in {index}; run `retrieval demo` or `retrieval index --run {args.run}` first")
-    if args.checkpoint and not checkpoint_path(args.run, args.checkpoint).is_file():
-        raise DataError(f"checkpoint {checkpoint_path(args.run, args.checkpoint)} does not exist")
+    if args.checkpoint and not run.checkpoint(args.checkpoint).is_file():
+        raise DataError(f"checkpoint {run.checkpoint(args.checkpoint)} does not exist")
 
 
 def streamlit_command(args: argparse.Namespace) -> list[str]:

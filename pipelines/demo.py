@@ -7,36 +7,22 @@ queries on images the model never trained on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
-from pathlib import Path
-
 
 from retrieval.config import Config
+from retrieval.console import format_metrics_table, image_query_results, text_query_results
 from retrieval.data import list_shards
-from retrieval.data.prepare import prepare
+from retrieval.data.prepare import locate_data, prepare
 from retrieval.embed import caption_pairs
-from retrieval.errors import DataError
 from retrieval.evaluation import chance_report, relevance
-from retrieval.train import fit, read_shard_records
+from retrieval.indexing import index_run
+from retrieval.search import open_searcher
+from retrieval.train import fit, read_shard_records, resolve_device
 
-from pipelines.common import PROJECT_ROOT, add_config_args, config_from_args, format_metrics_table
-from pipelines.index import index_run
-from pipelines.search import image_results, open_searcher, text_results
+from pipelines.common import add_config_args, config_from_args
 
 EXAMPLE_QUERIES = ("a pizza on a table", "a man riding a skateboard", "a red bus on the street",
                    "bus - red + yellow")
-
-
-def locate_data(config: Config) -> Config:
-    """Use the embedded sample when the configured path is relative and absent from the working directory."""
-    path = Path(config.data.path)
-    if path.exists() or path.is_absolute():
-        return config
-    embedded = PROJECT_ROOT / path
-    if not embedded.exists():
-        raise DataError(f"data file {path} not found (nor {embedded})")
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(embedded)))
 
 
 def chance_levels(config: Config, searcher) -> dict:
@@ -65,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[3/4] indexing the held-out images")
     # The held-out split is this sample's only evaluation set, so the demo reports and searches with
     # the final checkpoint rather than the one that scored best on it.
-    index_run(result.run_dir, checkpoint="last.pt", split="val")
+    index_run(result.run_dir, checkpoint="last.pt", split="val", device=resolve_device("auto"))
     searcher = open_searcher(result.run_dir, checkpoint="last.pt")
     chance = chance_levels(config, searcher)
 
@@ -76,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_metrics_table(result.final_metrics, chance, ks=config.train.ks))
     print()
     for query in EXAMPLE_QUERIES + tuple(args.query or ()):
-        print(text_results(searcher, query, 3))
+        print(text_query_results(searcher, query, 3))
     example = searcher.images.metadata_for([0])[0]
-    print(image_results(searcher, searcher.index_dir / example["thumbnail"], 3))
+    print(image_query_results(searcher, searcher.index_dir.file(example["thumbnail"]), 3))
     print(f"\n(true captions of that image: {example['captions'][0]!r})")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; run directory {result.run_dir}")
     print(f"search it again: retrieval search --run {result.run_dir} --checkpoint last.pt --text \"a dog\"")

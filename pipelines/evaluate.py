@@ -11,28 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrieval.checkpoint import load_checkpoint
-from retrieval.data import list_shards
-from retrieval.evaluation import evaluate_embeddings, format_report, model_embeddings
+from retrieval.evaluation import evaluate_run, format_report
 from retrieval.io import write_json
+from retrieval.rundir import RunDir
 from retrieval.train import resolve_device
-
-from pipelines.common import checkpoint_path
-
-
-def evaluate_run(run_dir: Path, *, checkpoint: str = "last.pt", shards: Path | None = None, split: str = "val",
-                 ks: tuple[int, ...] | None = None, device: str = "auto") -> dict:
-    """The evaluation report of one checkpoint of a run on ``split`` of its (or other) shards."""
-    device = resolve_device(device)
-    path = checkpoint_path(run_dir, checkpoint)
-    model = load_checkpoint(path, device=device)
-    shard_dir = shards if shards is not None else Path(model.config.data.shard_dir)
-    files = list_shards(shard_dir, split)
-    collection = model_embeddings(model, files, split, device=device)
-    report = evaluate_embeddings(collection.vectors.numpy(), collection.captions, collection.meta,
-                                 model.caption_encoder.encode_batch, ks or model.config.train.ks,
-                                 model.loss.search_metric)
-    return {"checkpoint": str(path), "epoch": model.epoch, "shard_dir": str(shard_dir), "split": split, **report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args(argv)
     report = evaluate_run(args.run, checkpoint=args.checkpoint, shards=args.shards, split=args.split,
-                          ks=tuple(args.ks) if args.ks else None, device=args.device)
-    out = args.out or args.run / "report" / "evaluate.json"
+                          ks=tuple(args.ks) if args.ks else None, device=resolve_device(args.device))
+    out = args.out or RunDir(args.run).evaluation_report
     write_json(out, report)
     print(f"{report['checkpoint']} (epoch {report['epoch']}) on {report['split']} of {report['shard_dir']}")
     print(format_report(report))

@@ -5,24 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrieval.checkpoint import load_checkpoint
-from retrieval.data import list_shards
-from retrieval.indexing import build_index
+from retrieval.indexing import index_run
 from retrieval.train import resolve_device
-
-from pipelines.common import checkpoint_path
-
-
-def index_run(run_dir: Path, *, checkpoint: str = "best.pt", split: str | None = None, out: Path | None = None,
-              kind: str | None = None, device: str = "auto") -> Path:
-    """Build ``<run>/index`` from the run's shards with one of its checkpoints."""
-    device = resolve_device(device)
-    model = load_checkpoint(checkpoint_path(run_dir, checkpoint), device=device)
-    split = split or model.config.index.split
-    splits = ("train", "val") if split == "all" else (split,)
-    shards = [shard for name in splits for shard in list_shards(model.config.data.shard_dir, name)]
-    return build_index(model, shards, out or Path(run_dir) / "index", kind=kind or model.config.index.kind,
-                       metric=model.config.index.metric, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), help="index type (default: config)")
     parser.add_argument("--out", type=Path, help="index directory (default: <run>/index)")
     args = parser.parse_args(argv)
-    out = index_run(args.run, checkpoint=args.checkpoint, split=args.split, out=args.out, kind=args.kind)
+    out = index_run(args.run, checkpoint=args.checkpoint, split=args.split, out=args.out, kind=args.kind,
+                    device=resolve_device("auto"))
     print(f"index written to {out}")
     return 0

@@ -5,28 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrieval.search import Searcher
-
-from pipelines.common import checkpoint_path
-
-
-def open_searcher(run_dir: Path, checkpoint: str = "best.pt", index: Path | None = None) -> Searcher:
-    return Searcher.open(checkpoint_path(run_dir, checkpoint), index or Path(run_dir) / "index")
-
-
-def text_results(searcher: Searcher, query: str, k: int) -> str:
-    lines = [f"text → image: {query!r}"]
-    for rank, hit in enumerate(searcher.text_to_image(query, k), 1):
-        lines.append(f"  {rank}. {hit.key}  score {hit.score:.3f}  “{hit.captions[0] if hit.captions else ''}”")
-    return "\n".join(lines)
-
-
-def image_results(searcher: Searcher, image: Path, k: int) -> str:
-    found = searcher.image_to_text(image, k)
-    lines = [f"image → text: {image}", "  nearest captions of the collection:"]
-    lines += [f"    {rank}. {hit.text}  ({hit.score:.3f})" for rank, hit in enumerate(found.captions, 1)]
-    lines.append("  nearest words: " + ", ".join(f"{hit.text} ({hit.score:.2f})" for hit in found.words))
-    return "\n".join(lines)
+from retrieval.console import image_query_results, text_query_results
+from retrieval.search import open_searcher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,5 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=5, help="number of results")
     args = parser.parse_args(argv)
     searcher = open_searcher(args.run, args.checkpoint, args.index)
-    print(text_results(searcher, args.text, args.k) if args.text else image_results(searcher, args.image, args.k))
+    print(text_query_results(searcher, args.text, args.k) if args.text
+          else image_query_results(searcher, args.image, args.k))
     return 0

@@ -14,6 +14,7 @@ from retrieval.errors import DataError
 from retrieval.io import atomic_path
 from retrieval.losses import LOSSES, CrossModalLoss, create_loss
 from retrieval.models import ImageEncoder, create_encoder
+from retrieval.rundir import RunDir
 from retrieval.targets import load_vectors, restore_caption_encoder
 from retrieval.text import CaptionEncoder
 from retrieval.text.sentence import SentenceEncoder
@@ -93,8 +94,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
         config = config_from_dict(state["config"], str(file))
     except (KeyError, RuntimeError, EOFError, OSError) as error:
         raise DataError(f"checkpoint {file} is not readable ({type(error).__name__})") from None
-    run_dir = file.parent.parent
-    vectors = load_vectors(config.text, run_dir)
+    vectors = load_vectors(config.text, RunDir.of_checkpoint(file))
     caption_encoder = restore_caption_encoder(vectors, state["caption_encoder"])
     # The checkpoint holds every weight, so the backbone need not load its original file again.
     encoder = create_encoder(dataclasses.replace(config.model, weights="random"), caption_encoder.dim)

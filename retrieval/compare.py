@@ -30,11 +30,11 @@ from retrieval.evaluation import (HeldOutSplit, check_metric_name, full_report, 
                                   model_embeddings, summarize_runs)
 from retrieval.io import write_json
 from retrieval.losses import LOSSES
+from retrieval.rundir import RunDir
 from retrieval.targets import build_caption_encoder, load_vectors
 from retrieval.train import fit, read_shard_records, resolve_device
 
 RESULTS_FORMAT = "retrieval-compare/1"
-RUN_RECORD = "compare_run.json"  # a finished run's record, reused when its config is unchanged
 KINDS = ("train", "conse")
 CROSS_ENTROPY_LOSSES = ("sigmoid-ce", "softmax-ce")
 LOWER_IS_BETTER = ("MedR", "MeanR")
@@ -234,7 +234,7 @@ def train_run(spec: CompareSpec, variant: VariantSpec, seed: int, data: _Data, r
     config = spec.config_for(variant, seed)
     if LOSSES.get(config.loss.name).needs_classes and data.train_classes is None:
         raise _Skip(f"loss {config.loss.name} needs class labels; these shards have captions only")
-    saved = Path(config.train.run_dir) / RUN_RECORD
+    saved = RunDir(config.train.run_dir).compare_record  # reused while the config is unchanged
     identity = json.loads(json.dumps([config_to_dict(config), spec.checkpoint, spec.curve_max_k,
                                       spec.example_queries, spec.example_top_k, data.shards]))
     if reuse and saved.is_file() and (old := json.loads(saved.read_text())).get("identity") == identity:
@@ -243,7 +243,7 @@ def train_run(spec: CompareSpec, variant: VariantSpec, seed: int, data: _Data, r
     result = fit(config, progress=False)
     wall = time.perf_counter() - started
     device = resolve_device(config.train.device)
-    model = load_checkpoint(result.run_dir / "checkpoints" / spec.checkpoint, device=device)
+    model = load_checkpoint(RunDir(result.run_dir).checkpoint(spec.checkpoint), device=device)
     embeddings = model_embeddings(model, data.held_out.shards, "val", device=device).vectors.numpy()
     history = [{"epoch": 0, "metrics": result.initial_metrics}] + [dataclasses.asdict(s) for s in result.history]
     run = {"seed": seed, "run_dir": os.path.relpath(result.run_dir, spec.out), "wall_seconds": wall,

@@ -11,15 +11,18 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
 from retrieval.embed import EncodedCollection, caption_pairs, encode_shards, eval_transform, split_features
 from retrieval.errors import ConfigError, DataError, QueryError
 from retrieval.metrics import chance_recall, retrieval_metrics
+from retrieval.rundir import LAST_CHECKPOINT, RunDir
 
 #: metadata fields that may hold a class's name, in order of preference
 CLASS_NAME_FIELDS = ("class_name", "label_name", "class", "category", "name")
@@ -214,6 +217,20 @@ def model_embeddings(model, shards: Sequence[str], split: str = "val", device: s
                                 cache_dir=cache, device=device)
     embeddings = model.embed_features(collection.vectors.to(device)).float().cpu()
     return dataclasses.replace(collection, vectors=embeddings)
+
+
+def evaluate_run(run_dir: str | Path, *, checkpoint: str = LAST_CHECKPOINT, shards: str | Path | None = None,
+                 split: str = "val", ks: tuple[int, ...] | None = None, device: str = "cpu") -> dict:
+    """The evaluation report of one checkpoint of a run on ``split`` of its (or other) shards."""
+    path = RunDir(run_dir).checkpoint(checkpoint)
+    model = load_checkpoint(path, device=device)
+    shard_dir = Path(shards) if shards is not None else Path(model.config.data.shard_dir)
+    files = list_shards(shard_dir, split)
+    collection = model_embeddings(model, files, split, device=device)
+    report = evaluate_embeddings(collection.vectors.numpy(), collection.captions, collection.meta,
+                                 model.caption_encoder.encode_batch, ks or model.config.train.ks,
+                                 model.loss.search_metric)
+    return {"checkpoint": str(path), "epoch": model.epoch, "shard_dir": str(shard_dir), "split": split, **report}
 
 
 @dataclass

@@ -23,8 +23,8 @@ import numpy as np
 from retrieval.errors import ConfigError, DataError, QueryError
 from retrieval.io import atomic_dir
 from retrieval.registry import Registry
+from retrieval.rundir import INDEX_FILE, METADATA_FILE, STAMP_FILE
 
-INDEX_FILE, METADATA_FILE, STAMP_FILE = "index.faiss", "metadata.jsonl", "stamp.json"
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 AUTO_FLAT_MAX = 50_000  # "auto" builds an exact index below this many items
 AUTO_LARGE_KIND = "ivf"  # ... and this kind at or above it (see benchmarks/bench_index.py)

@@ -1,10 +1,6 @@
-"""Build the search index of a collection: image embeddings, caption vectors and thumbnails.
+"""Build the search index of a collection: image embeddings, caption vectors, vocabulary and thumbnails.
 
-Layout of an index directory (written atomically, all or nothing)::
-
-    images/      faiss index of image embeddings + metadata (key, captions, thumbnail) + stamp
-    captions/    faiss index of the collection's caption vectors (for image→text)
-    thumbnails/  small JPEGs for the UI
+The index folder (its layout: :class:`retrieval.rundir.IndexDir`) is written atomically, all or nothing.
 """
 
 from __future__ import annotations
@@ -15,14 +11,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from gensim.parsing.preprocessing import STOPWORDS
 
-from retrieval.checkpoint import LoadedModel
-from retrieval.data import Sample
+from retrieval.checkpoint import LoadedModel, load_checkpoint
+from retrieval.data import Sample, list_shards
 from retrieval.embed import encode_shards, eval_transform, known_captions
 from retrieval.errors import ConfigError
 from retrieval.index import VectorIndex
 from retrieval.io import atomic_dir
-from retrieval.search import CAPTION_INDEX_DIR, IMAGE_INDEX_DIR, VOCABULARY_FILE, caption_vocabulary, stamp_for
+from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
+from retrieval.text import tokenize
 
 THUMBNAIL_SIZE = 192
 
@@ -41,15 +39,25 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def write_thumbnail(sample: Sample, out_dir: Path) -> str:
-    """Save a small JPEG of ``sample`` under ``out_dir/thumbnails``; returns its relative path."""
+def write_thumbnail(sample: Sample, out_dir: IndexDir) -> str:
+    """Save a small JPEG of ``sample`` in the thumbnails of ``out_dir``; returns its path relative to ``out_dir``."""
     image = sample.image.convert("RGB")
     image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    relative = f"thumbnails/{sample.key}.jpg"
+    relative = out_dir.thumbnail_name(sample.key)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
-    (out_dir / relative).write_bytes(buffer.getvalue())
+    out_dir.file(relative).write_bytes(buffer.getvalue())
     return relative
+
+
+def caption_vocabulary(captions: list[str], caption_vectors: np.ndarray, caption_encoder) -> dict:
+    """What :meth:`retrieval.search.Searcher.nearest_words` reads: known content words of the captions
+    and their mean vector."""
+    candidates = sorted({word for caption in captions for word in tokenize(caption)
+                         if word.isalpha() and len(word) > 2 and word not in STOPWORDS})
+    _, known, _ = caption_encoder.encode_batch(candidates)
+    center = caption_vectors.mean(axis=0) if len(caption_vectors) else np.zeros(caption_encoder.dim)
+    return {"words": [w for w, ok in zip(candidates, known) if ok], "center": [float(x) for x in center]}
 
 
 def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, *, kind: str = "auto",
@@ -58,15 +66,16 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
     out_dir = Path(out_dir)
     metric = search_metric(model, metric)
     transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
-    stamp = stamp_for(model)
+    stamp = index_stamp(model)
     with atomic_dir(out_dir) as tmp:
+        staged = IndexDir(tmp)
         thumbs: dict[str, str] = {}
 
         def save_thumbnail(sample: Sample) -> None:  # during the one pass over the shards
-            thumbs[sample.key] = write_thumbnail(sample, tmp)
+            thumbs[sample.key] = write_thumbnail(sample, staged)
 
         if thumbnails:
-            (tmp / "thumbnails").mkdir()
+            staged.thumbnails.mkdir()
         collection = encode_shards(shards, model.embed_images, transform, device=device, desc="embedding images",
                                    visit=save_thumbnail if thumbnails else None)
         texts, caption_vectors, owner, _ = known_captions(collection.captions, model.caption_encoder.encode_batch)
@@ -75,10 +84,25 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
             image_vectors, caption_vectors, metric = unit_rows(image_vectors), unit_rows(caption_vectors), "ip"
         metadata = [{"key": key, "captions": captions, "thumbnail": thumbs.get(key), "meta": meta}
                     for key, captions, meta in zip(collection.keys, collection.captions, collection.meta)]
-        VectorIndex.build(image_vectors, metadata, kind=kind, metric=metric, stamp=stamp).save(tmp / IMAGE_INDEX_DIR)
+        VectorIndex.build(image_vectors, metadata, kind=kind, metric=metric, stamp=stamp).save(staged.images)
         caption_meta = [{"caption": text, "key": collection.keys[i]} for text, i in zip(texts, owner)]
         VectorIndex.build(caption_vectors.astype(np.float32), caption_meta, kind="flat", metric=metric,
-                          stamp=stamp).save(tmp / CAPTION_INDEX_DIR)
+                          stamp=stamp).save(staged.captions)
         vocabulary = caption_vocabulary(texts, caption_vectors, model.caption_encoder)
-        (tmp / VOCABULARY_FILE).write_text(json.dumps(vocabulary))
+        staged.vocabulary_file.write_text(json.dumps(vocabulary))
     return out_dir
+
+
+def index_run(run_dir: str | Path, *, checkpoint: str = BEST_CHECKPOINT, split: str | None = None,
+              out: str | Path | None = None, kind: str | None = None, device: str = "cpu") -> Path:
+    """Build a run's index (``<run>/index`` unless ``out`` is given) from its shards with one of its checkpoints.
+
+    ``split``: train, val or all (default: the run's ``index.split``); ``kind``: default the run's ``index.kind``.
+    """
+    run = RunDir(run_dir)
+    model = load_checkpoint(run.checkpoint(checkpoint), device=device)
+    split = split or model.config.index.split
+    splits = ("train", "val") if split == "all" else (split,)
+    shards = [shard for name in splits for shard in list_shards(model.config.data.shard_dir, name)]
+    return build_index(model, shards, out or run.index.path, kind=kind or model.config.index.kind,
+                       metric=model.config.index.metric, device=device)

@@ -12,18 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gensim.parsing.preprocessing import STOPWORDS
 from PIL import Image
 
 from retrieval.checkpoint import LoadedModel, load_checkpoint
 from retrieval.embed import eval_transform
 from retrieval.errors import DataError, QueryError
 from retrieval.index import VectorIndex
-from retrieval.text import tokenize
+from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
 
-IMAGE_INDEX_DIR = "images"
-CAPTION_INDEX_DIR = "captions"
-VOCABULARY_FILE = "vocabulary.json"
 _ARITHMETIC = re.compile(r"\s[+-]\s|^\s*-")
 
 
@@ -53,32 +49,28 @@ class ImageToText:
     words: list[TextHit]
 
 
-def stamp_for(model: LoadedModel) -> dict:
-    """Identity of the model and word vectors that embed a collection."""
-    return {"model": model.checkpoint_fingerprint, "vectors": model.vectors_fingerprint}
-
-
 class Searcher:
     """Answers queries against one index directory with one checkpoint."""
 
-    def __init__(self, model: LoadedModel, images: VectorIndex, captions: VectorIndex, index_dir: Path) -> None:
+    def __init__(self, model: LoadedModel, images: VectorIndex, captions: VectorIndex,
+                 index_dir: str | Path | IndexDir) -> None:
         self.model = model
         self.images = images
         self.captions = captions
-        self.index_dir = Path(index_dir)
+        self.index_dir = IndexDir(index_dir)
         self._load_vocabulary()
         self.transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
 
     @classmethod
-    def open(cls, checkpoint: str | Path, index_dir: str | Path, device: str = "cpu") -> "Searcher":
+    def open(cls, checkpoint: str | Path, index_dir: str | Path | IndexDir, device: str = "cpu") -> "Searcher":
         """Load a checkpoint and the index it produced (a different model or vector set is refused)."""
         model = load_checkpoint(checkpoint, device=device)
-        index_dir = Path(index_dir)
-        if not (index_dir / IMAGE_INDEX_DIR).is_dir():
+        index_dir = IndexDir(index_dir)
+        if not index_dir.exists():
             raise DataError(f"no index in {index_dir}; build one with `retrieval index`")
-        stamp = stamp_for(model)
-        images = VectorIndex.load(index_dir / IMAGE_INDEX_DIR, expected_stamp=stamp)
-        captions = VectorIndex.load(index_dir / CAPTION_INDEX_DIR, expected_stamp=stamp)
+        stamp = index_stamp(model)
+        images = VectorIndex.load(index_dir.images, expected_stamp=stamp)
+        captions = VectorIndex.load(index_dir.captions, expected_stamp=stamp)
         return cls(model, images, captions, index_dir)
 
     def _load_vocabulary(self) -> None:
@@ -87,7 +79,7 @@ class Searcher:
         Centring removes the direction every caption mean shares (frequent words); without it the
         nearest words of any image are words like "making", "way", "time".
         """
-        path = self.index_dir / VOCABULARY_FILE
+        path = self.index_dir.vocabulary_file
         try:
             saved = json.loads(path.read_text())
             self.words, self.caption_center = saved["words"], np.asarray(saved["center"], dtype=np.float32)
@@ -132,7 +124,7 @@ class Searcher:
         for score, item in zip(result.scores[0], self.images.metadata_for(result.ids[0])):
             thumbnail = item.get("thumbnail")
             hits.append(ImageHit(item["key"], float(score), list(item.get("captions", [])),
-                                 str(self.index_dir / thumbnail) if thumbnail else None))
+                                 str(self.index_dir.file(thumbnail)) if thumbnail else None))
         return hits
 
     def text_to_image(self, query: str, k: int = 5) -> list[ImageHit]:
@@ -166,12 +158,8 @@ class Searcher:
         return [TextHit(self.words[i], float(scores[i])) for i in best]
 
 
-def caption_vocabulary(captions: list[str], caption_vectors: np.ndarray, caption_encoder) -> dict:
-    """What :meth:`Searcher.nearest_words` needs: known content words of the captions and their mean vector."""
-    candidates = sorted({word for caption in captions for word in tokenize(caption)
-                         if word.isalpha() and len(word) > 2 and word not in STOPWORDS})
-    _, known, _ = caption_encoder.encode_batch(candidates)
-    center = caption_vectors.mean(axis=0) if len(caption_vectors) else np.zeros(caption_encoder.dim)
-    return {"words": [w for w, ok in zip(candidates, known) if ok], "center": [float(x) for x in center]}
-
-
+def open_searcher(run_dir: str | Path, checkpoint: str = BEST_CHECKPOINT, index: str | Path | None = None,
+                  device: str = "cpu") -> Searcher:
+    """A searcher over a run's index (``<run>/index`` unless ``index`` is given) with one of its checkpoints."""
+    run = RunDir(run_dir)
+    return Searcher.open(run.checkpoint(checkpoint), index if index is not None else run.index, device=device)

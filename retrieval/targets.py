@@ -13,11 +13,10 @@ from typing import Any, Sequence
 
 from retrieval.config import TextConfig
 from retrieval.errors import ConfigError
+from retrieval.rundir import RunDir
 from retrieval.text import CaptionEncoder, load_word_vectors, save_word_vectors, train_caption_word2vec
 from retrieval.text import vectors_fingerprint as word_vectors_fingerprint
 from retrieval.text.sentence import SENTENCE_KIND, SentenceEncoder, packaged_minilm_dir
-
-CAPTION_WORD2VEC_FILE = "word2vec-captions.kv"
 
 
 def load_sentence_encoder(text: TextConfig) -> SentenceEncoder:
@@ -36,7 +35,7 @@ def load_vectors(text: TextConfig, run_dir: str | Path, train_captions: Sequence
         return load_sentence_encoder(text)
     if text.vectors != "word2vec-captions":
         return load_word_vectors(text.vectors, text.vectors_path)
-    saved = Path(run_dir) / CAPTION_WORD2VEC_FILE
+    saved = RunDir(run_dir).caption_word2vec
     if saved.exists():
         return load_word_vectors("gensim", str(saved))
     if train_captions is None:

@@ -32,6 +32,7 @@ from retrieval.io import atomic_path
 from retrieval.losses import LOSSES, create_loss
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
 from retrieval.negatives import NEGATIVE_SAMPLERS
+from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDir
 from retrieval.targets import build_caption_encoder, load_vectors, vectors_fingerprint
 
 
@@ -114,7 +115,7 @@ class Trainer:
         self.config = config
         self.progress = progress
         self.device = resolve_device(config.train.device)
-        self.run_dir = Path(config.train.run_dir)
+        self.run_dir = RunDir(config.train.run_dir)
         self.train_shards = list_shards(config.data.shard_dir, "train")
         self.val_shards = list_shards(config.data.shard_dir, "val")
         self.backbone = create_backbone(config.model.backbone, config.model.weights)
@@ -251,7 +252,7 @@ class Trainer:
         return self._val_captions
 
     def save(self, name: str, epoch: int, metrics: dict) -> Path:
-        path = self.run_dir / "checkpoints" / name
+        path = self.run_dir.checkpoint(name)
         save_checkpoint(path, config=self.config, encoder=self.encoder, loss=self.loss,
                         caption_encoder=self.caption_encoder, vectors_fingerprint=vectors_fingerprint(self.vectors),
                         epoch=epoch, metrics=metrics, num_classes=self.num_classes)
@@ -261,7 +262,7 @@ class Trainer:
         """metrics.csv: one row per epoch (rewritten atomically each epoch)."""
         metric_names = sorted({name for stats in history for name in stats.metrics})
         columns = ["epoch", "loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "seconds"]
-        with atomic_path(self.run_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as handle:
+        with atomic_path(self.run_dir.metrics_file) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns + metric_names)
             for stats in history:
@@ -276,8 +277,8 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         started = time.perf_counter()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml")
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir.config_file)
         self.history: list[EpochStats] = []
         initial = self.evaluate()
         best_score, best_metrics = -1.0, initial
@@ -289,14 +290,15 @@ class Trainer:
                 stats.metrics = self.evaluate()
                 if rsum(stats.metrics) > best_score:
                     best_score, best_metrics = rsum(stats.metrics), stats.metrics
-                    self.save("best.pt", epoch, stats.metrics)
+                    self.save(BEST_CHECKPOINT, epoch, stats.metrics)
             self.history.append(stats)
             self.write_history(self.history)
             bar.set_postfix(loss=f"{stats.loss:.3f}", active=f"{stats.active_fraction:.2f}",
                             **({"t2i_R@5": f"{stats.metrics.get('text_to_image/R@5', 0):.2f}"} if stats.metrics else {}))
-        last = self.save("last.pt", epochs, self.history[-1].metrics if self.history else initial)
-        return TrainResult(self.run_dir, self.history, initial, self.history[-1].metrics if self.history else initial,
-                           best_metrics, self.run_dir / "checkpoints" / "best.pt", last,
+        last = self.save(LAST_CHECKPOINT, epochs, self.history[-1].metrics if self.history else initial)
+        return TrainResult(self.run_dir.path, self.history, initial,
+                           self.history[-1].metrics if self.history else initial,
+                           best_metrics, self.run_dir.checkpoint(BEST_CHECKPOINT), last,
                            time.perf_counter() - started)
 
 

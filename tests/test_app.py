@@ -15,6 +15,7 @@ from pipelines.cli import main as cli_main
 from retrieval.checkpoint import file_fingerprint, load_checkpoint
 from retrieval.data import list_shards
 from retrieval.indexing import build_index
+from retrieval.rundir import IndexDir, RunDir
 
 APP_FILE = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 TIMEOUT = 60  # the first run loads the checkpoint and 400k word vectors
@@ -83,7 +84,7 @@ def test_example_button_fills_the_query(app):
 
 
 def test_upload_shows_captions_words_and_similar_photos(app, app_index):
-    photo = next((app_index / "thumbnails").iterdir())
+    photo = next(IndexDir(app_index).thumbnails.iterdir())
     app.slider(key="k").set_value(4).run()
     app.file_uploader(key="upload").set_value((photo.name, photo.read_bytes(), "image/jpeg")).run()
     assert not app.exception and not app.error
@@ -125,17 +126,16 @@ def test_settings_command_line_beats_environment_beats_defaults():
 
 
 def test_default_checkpoint_is_the_one_that_built_the_index(trained_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run.run_dir / "checkpoints", run / "checkpoints")
-    assert find_checkpoints(run)[:2] == ["best.pt", "last.pt"]
-    stamp = tmp_path / "index" / "images" / "stamp.json"
-    stamp.parent.mkdir(parents=True)
-    stamp.write_text(json.dumps({"stamp": {"model": file_fingerprint(run / "checkpoints" / "last.pt")}}))
-    names = find_checkpoints(run)
-    if file_fingerprint(run / "checkpoints" / "best.pt") != file_fingerprint(run / "checkpoints" / "last.pt"):
-        assert default_checkpoint(run, tmp_path / "index", names) == "last.pt"
-    stamp.write_text("{}")  # unreadable stamp: fall back to best.pt
-    assert default_checkpoint(run, tmp_path / "index", names) == "best.pt"
+    run, index = RunDir(tmp_path / "run"), IndexDir(tmp_path / "index")
+    shutil.copytree(RunDir(trained_run.run_dir).checkpoints, run.checkpoints)
+    assert find_checkpoints(run.path)[:2] == ["best.pt", "last.pt"]
+    index.stamp_file.parent.mkdir(parents=True)
+    index.stamp_file.write_text(json.dumps({"stamp": {"model": file_fingerprint(run.checkpoint("last.pt"))}}))
+    names = find_checkpoints(run.path)
+    if file_fingerprint(run.checkpoint("best.pt")) != file_fingerprint(run.checkpoint("last.pt")):
+        assert default_checkpoint(run.path, index.path, names) == "last.pt"
+    index.stamp_file.write_text("{}")  # unreadable stamp: fall back to best.pt
+    assert default_checkpoint(run.path, index.path, names) == "best.pt"
 
 
 # -- the `retrieval app` job ---------------------------------------------------------------------

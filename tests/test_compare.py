@@ -15,6 +15,7 @@ from pipelines.compare import main as compare
 from retrieval.compare import load_compare_config
 from retrieval.errors import ConfigError
 from retrieval.report import render_report
+from retrieval.rundir import RunDir
 
 from tests.conftest import PROJECT_ROOT
 
@@ -60,7 +61,7 @@ def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
         assert [run["seed"] for run in variant["runs"]] == [0, 1]
         for run in variant["runs"]:
             assert run["wall_seconds"] > 0 and len(run["history"]) == 3  # epoch 0 (untrained) + 2 epochs
-            stored = torch.load(out / run["run_dir"] / "checkpoints" / "last.pt", weights_only=False)["metrics"]
+            stored = torch.load(RunDir(out / run["run_dir"]).checkpoint("last.pt"), weights_only=False)["metrics"]
             assert {k: run["metrics"][k] for k in stored} == pytest.approx(stored, abs=1e-6)
         assert len(variant["summary"]["recall_curve"]["text_to_image"]) == 10
     assert results["command"].startswith("retrieval compare --config")

@@ -13,6 +13,7 @@ from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
 from retrieval.embed import caption_pairs, encode_shards, eval_transform
 from retrieval.evaluation import chance_report, cross_modal_report, evaluate_embeddings, format_report
+from retrieval.rundir import RunDir
 
 METRICS = [f"{d}/{m}" for d in ("text_to_image", "image_to_text")
            for m in ("R@1", "R@5", "R@10", "P@1", "P@5", "P@10", "mAP", "MedR")]
@@ -20,7 +21,7 @@ METRICS = [f"{d}/{m}" for d in ("text_to_image", "image_to_text")
 
 def recomputed(run_dir, checkpoint: str = "last.pt") -> tuple[dict, dict]:
     """Metrics and chance of a checkpoint on the run's val shards, straight from images."""
-    model = load_checkpoint(run_dir / "checkpoints" / checkpoint)
+    model = load_checkpoint(RunDir(run_dir).checkpoint(checkpoint))
     shards = list_shards(model.config.data.shard_dir, "val")
     transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
     collection = encode_shards(shards, model.embed_images, transform)

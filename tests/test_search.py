@@ -12,6 +12,7 @@ from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
 from retrieval.errors import ConfigError, QueryError
 from retrieval.indexing import build_index
+from retrieval.rundir import RunDir
 from retrieval.search import Searcher
 
 
@@ -46,14 +47,14 @@ def test_text_to_image_equals_brute_force(searcher):
 
 def test_image_to_text_returns_captions_and_words(searcher):
     first = searcher.images.metadata_for([0])[0]
-    found = searcher.image_to_text(searcher.index_dir / first["thumbnail"], k=4)
+    found = searcher.image_to_text(searcher.index_dir.file(first["thumbnail"]), k=4)
     assert len(found.captions) == 4 and len(found.words) == 4
     assert all(isinstance(hit.text, str) and hit.text for hit in found.captions + found.words)
 
 
 def test_image_to_image_finds_itself_first(searcher):
     first = searcher.images.metadata_for([0])[0]
-    assert searcher.image_to_image(searcher.index_dir / first["thumbnail"], k=1)[0].key == first["key"]
+    assert searcher.image_to_image(searcher.index_dir.file(first["thumbnail"]), k=1)[0].key == first["key"]
 
 
 def test_word_arithmetic_is_the_signed_sum(searcher):
@@ -76,8 +77,9 @@ def test_index_from_another_model_is_refused(searcher, trained_run, tmp_path):
     state = torch.load(trained_run.best_checkpoint, weights_only=False)
     state["epoch"] = -1  # any change gives the checkpoint another identity
     torch.save(state, other)
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copy(other, tmp_path / "checkpoints" / "best.pt")
+    run = RunDir(tmp_path)
+    run.checkpoints.mkdir()
+    shutil.copy(other, run.checkpoint("best.pt"))
     with pytest.raises(ConfigError, match="model") as error:
-        Searcher.open(tmp_path / "checkpoints" / "best.pt", searcher.index_dir)
+        Searcher.open(run.checkpoint("best.pt"), searcher.index_dir)
     assert "\n" not in str(error.value)

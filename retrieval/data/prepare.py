@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 from retrieval.config import Config, DataConfig
 from retrieval.data import open_source, write_shards
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, DataError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout, which holds the embedded sample data
 
 
 def source_options(data: DataConfig) -> dict:
@@ -28,3 +33,14 @@ def prepare(config: Config):
     records = open_source(data.source, data.path, data.image_root, **source_options(data))
     return write_shards(records, data.shard_dir, shard_size=data.shard_size, val_fraction=data.val_fraction,
                         split_seed=data.split_seed, split_by=data.split_by, source=f"{data.source}:{data.path}")
+
+
+def locate_data(config: Config) -> Config:
+    """Use the embedded sample when the configured path is relative and absent from the working directory."""
+    path = Path(config.data.path)
+    if path.exists() or path.is_absolute():
+        return config
+    embedded = PROJECT_ROOT / path
+    if not embedded.exists():
+        raise DataError(f"data file {path} not found (nor {embedded})")
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(embedded)))
