@@ -13,11 +13,11 @@ from pathlib import Path
 
 
 from retrieval.config import Config
-from retrieval.data import list_shards
+from retrieval.data import list_shards, read_shard_records
 from retrieval.embed import caption_pairs
 from retrieval.errors import DataError
 from retrieval.evaluation import chance_report, relevance
-from retrieval.train import fit, read_shard_records
+from retrieval.train import fit
 
 from pipelines.common import PROJECT_ROOT, add_config_args, config_from_args, format_metrics_table
 from pipelines.index import index_run

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
-from retrieval.evaluation import evaluate_embeddings, format_report, model_embeddings
+from retrieval.evaluation import CheckpointReport, evaluate_embeddings, format_report, model_embeddings
 from retrieval.io import write_json
-from retrieval.train import resolve_device
+from retrieval.runtime import resolve_device
 
 from pipelines.common import checkpoint_path
 
 
 def evaluate_run(run_dir: Path, *, checkpoint: str = "last.pt", shards: Path | None = None, split: str = "val",
-                 ks: tuple[int, ...] | None = None, device: str = "auto") -> dict:
+                 ks: tuple[int, ...] | None = None, device: str = "auto") -> CheckpointReport:
     """The evaluation report of one checkpoint of a run on ``split`` of its (or other) shards."""
     device = resolve_device(device)
     path = checkpoint_path(run_dir, checkpoint)
@@ -32,7 +32,7 @@ def evaluate_run(run_dir: Path, *, checkpoint: str = "last.pt", shards: Path | N
     report = evaluate_embeddings(collection.vectors.numpy(), collection.captions, collection.meta,
                                  model.caption_encoder.encode_batch, ks or model.config.train.ks,
                                  model.loss.search_metric)
-    return {"checkpoint": str(path), "epoch": model.epoch, "shard_dir": str(shard_dir), "split": split, **report}
+    return CheckpointReport(str(path), model.epoch, str(shard_dir), split, report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_run(args.run, checkpoint=args.checkpoint, shards=args.shards, split=args.split,
                           ks=tuple(args.ks) if args.ks else None, device=args.device)
     out = args.out or args.run / "report" / "evaluate.json"
-    write_json(out, report)
-    print(f"{report['checkpoint']} (epoch {report['epoch']}) on {report['split']} of {report['shard_dir']}")
-    print(format_report(report))
+    write_json(out, report.to_json())
+    print(f"{report.checkpoint} (epoch {report.epoch}) on {report.split} of {report.shard_dir}")
+    print(format_report(report.report))
     print(f"report written to {out}")
     return 0

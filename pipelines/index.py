@@ -8,7 +8,7 @@ from pathlib import Path
 from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
 from retrieval.indexing import build_index
-from retrieval.train import resolve_device
+from retrieval.runtime import resolve_device
 
 from pipelines.common import checkpoint_path
 
