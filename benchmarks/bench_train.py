@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from retrieval.config import load_config
 from retrieval.io import write_json
-from retrieval.train import Trainer, seed_everything
+from retrieval.runtime import seed_everything
+from retrieval.train import Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         "data.shard_dir=runs/demo/shards"])
     trainer = Trainer(config, progress=False)
     # a larger epoch: every pair repeated, so per-batch costs dominate start-up costs
-    trainer.train_owner = trainer.train_owner.repeat(args.repeat)
-    trainer.train_vectors = trainer.train_vectors.repeat(args.repeat, 1)
+    targets = trainer.targets
+    targets.owner, targets.vectors = targets.owner.repeat(args.repeat), targets.vectors.repeat(args.repeat, 1)
     projection = torch.nn.Linear(trainer.encoder.feature_dim, trainer.caption_encoder.dim)
     optimizer = torch.optim.AdamW(projection.parameters(), lr=config.train.lr)
     generator = torch.Generator().manual_seed(0)
@@ -61,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train_epoch(epoch)
         ours.append(time.perf_counter() - start)
         start = time.perf_counter()
-        bare_epoch(trainer.train_set.vectors, trainer.train_vectors, trainer.train_owner, projection, optimizer,
+        bare_epoch(trainer.source.train_set.vectors, targets.vectors, targets.owner, projection, optimizer,
                    config.loss.margin, config.train.batch_size, generator)
         bare.append(time.perf_counter() - start)
     ours_ms, bare_ms = statistics.median(ours[2:]) * 1e3, statistics.median(bare[2:]) * 1e3
-    result = {"pairs_per_epoch": len(trainer.train_owner), "batch_size": config.train.batch_size,
+    result = {"pairs_per_epoch": len(targets.owner), "batch_size": config.train.batch_size,
               "epochs_timed": args.epochs - 2, "ours_ms_per_epoch": round(ours_ms, 3),
               "bare_ms_per_epoch": round(bare_ms, 3), "ratio_ours_over_bare": round(ours_ms / bare_ms, 3)}
     print("| loop | ms / epoch | ratio |\n|---|---:|---:|")

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from retrieval.compare import CompareSpec, load_compare_config, run_comparison
-from retrieval.config import config_from_dict, config_to_dict
+from retrieval.compare_results import ComparisonResults
 from retrieval.data import read_manifest
 from retrieval.data.prepare import locate_data, prepare
 from retrieval.errors import DataError
 from retrieval.report import label, write_report
-from retrieval.train import torch_threads
+from retrieval.runtime import torch_threads
 
 from pipelines.common import PROJECT_ROOT
 
@@ -31,7 +31,7 @@ DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "compare_demo.yaml"
 
 def ensure_shards(spec: CompareSpec) -> CompareSpec:
     """Prepare the base config's shards when its shard folder has no manifest yet."""
-    config = config_from_dict(spec.base)
+    config = spec.base
     try:
         read_manifest(config.data.shard_dir)
         return spec
@@ -43,20 +43,20 @@ def ensure_shards(spec: CompareSpec) -> CompareSpec:
         pass
     print(f"preparing shards from {config.data.source}:{config.data.path} into {config.data.shard_dir}")
     prepare(config)
-    return dataclasses.replace(spec, base=config_to_dict(config))
+    return dataclasses.replace(spec, base=config)
 
 
-def headline(results: dict) -> str:
+def headline(results: ComparisonResults) -> str:
     """One line: the winner and its margin over the runner-up."""
-    verdict = results.get("verdict")
+    verdict = results.verdict
     if not verdict:
         return "no variant ran"
-    winner, metric = verdict["winner"], verdict["metric"]
-    if "runner_up" not in verdict:
-        return f"{winner['name']}: {label(metric)} {winner['mean']:.3f}"
-    other = verdict["runner_up"]
-    return (f"{winner['name']} beats {other['name']} by {other['margin']:+.3f} {label(metric)} "
-            f"({winner['mean']:.3f} vs {other['mean']:.3f})")
+    winner, metric = verdict.winner, verdict.metric
+    if verdict.runner_up is None:
+        return f"{winner.name}: {label(metric)} {winner.mean:.3f}"
+    other = verdict.runner_up
+    return (f"{winner.name} beats {other.name} by {other.margin:+.3f} {label(metric)} "
+            f"({winner.mean:.3f} vs {other.mean:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_comparison(spec, command=command, progress=not args.no_progress, reuse=not args.fresh)
     paths = write_report(results, spec.out)
     print(headline(results))
-    for variant in results["variants"]:
-        if variant["status"] != "ok":
-            print(f"skipped {variant['name']}: {variant['note']}")
+    for variant in results.variants:
+        if not variant.ok:
+            print(f"skipped {variant.name}: {variant.note}")
     print(f"report: {paths['report']} (results: {spec.out / 'results.json'})")
     return 0

@@ -11,13 +11,14 @@ import time
 
 from retrieval.config import Config
 from retrieval.console import format_metrics_table, image_query_results, text_query_results
-from retrieval.data import list_shards
+from retrieval.data import list_shards, read_shard_records
 from retrieval.data.prepare import locate_data, prepare
 from retrieval.embed import caption_pairs
 from retrieval.evaluation import chance_report, relevance
 from retrieval.indexing import index_run
+from retrieval.runtime import resolve_device
 from retrieval.search import open_searcher
-from retrieval.train import fit, read_shard_records, resolve_device
+from retrieval.train import fit
 
 from pipelines.common import add_config_args, config_from_args
 

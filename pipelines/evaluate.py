@@ -14,7 +14,7 @@ from pathlib import Path
 from retrieval.evaluation import evaluate_run, format_report
 from retrieval.io import write_json
 from retrieval.rundir import RunDir
-from retrieval.train import resolve_device
+from retrieval.runtime import resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_run(args.run, checkpoint=args.checkpoint, shards=args.shards, split=args.split,
                           ks=tuple(args.ks) if args.ks else None, device=resolve_device(args.device))
     out = args.out or RunDir(args.run).evaluation_report
-    write_json(out, report)
-    print(f"{report['checkpoint']} (epoch {report['epoch']}) on {report['split']} of {report['shard_dir']}")
-    print(format_report(report))
+    write_json(out, report.to_json())
+    print(f"{report.checkpoint} (epoch {report.epoch}) on {report.split} of {report.shard_dir}")
+    print(format_report(report.report))
     print(f"report written to {out}")
     return 0

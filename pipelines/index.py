@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from retrieval.indexing import index_run
-from retrieval.train import resolve_device
+from retrieval.runtime import resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,12 +115,20 @@ class Config:
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check ``value`` against a field's type annotation, converting lists to tuples and ints to floats."""
+    """Check ``value`` against a field's type annotation, converting lists to tuples and ints to floats.
+
+    Nested dataclasses are built field by field (a class with a ``from_json`` classmethod reads itself).
+    """
     origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        read = getattr(annotation, "from_json", None)
+        return read(value, where) if read is not None else _build(annotation, value, where)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
+        if len(options) == 2 and type(None) in options:  # X | None: X's own error names the problem
+            return _coerce(value, next(o for o in options if o is not type(None)), where)
         for option in options:
             if option is type(None):
                 continue
@@ -129,15 +137,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} is not a valid {annotation}")
-    if origin is tuple:
+    if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_type, *_rest) = typing.get_args(annotation)
-        return tuple(_coerce(v, item_type, where) for v in value)
+        return origin(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
     if annotation is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        value_type = typing.get_args(annotation)[1] if typing.get_args(annotation) else Any
+        return {k: _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool):
@@ -155,14 +164,24 @@ def _build(cls: type, values: dict, where: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
     kwargs = {}
     for name, value in values.items():
         path = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], value or {}, path)
+            kwargs[name] = _coerce(value or {}, hints[name], path)
         else:
             kwargs[name] = _coerce(value, hints[name], path)
     return cls(**kwargs)
+
+
+def build_dataclass(cls: type, values: dict, where: str) -> Any:
+    """Any dataclass from nested dicts, as configs are built: unknown or missing fields and wrong types are
+    one-line ConfigErrors that name the field (``where.field[2].name``)."""
+    return _build(cls, values, where)
 
 
 def config_from_dict(values: dict, where: str = "config") -> Config:

@@ -89,6 +89,13 @@ def caption_pairs(captions: Sequence[Sequence[str]], encode_batch: Callable) -> 
     return vectors, owner, stats
 
 
+def caption_vector_table(captions: Sequence[Sequence[str]], encode_batch: Callable) -> dict[str, np.ndarray]:
+    """Caption text → vector for every distinct known caption of a collection (encoded once each, sorted)."""
+    flat = sorted({caption for image_captions in captions for caption in image_captions})
+    vectors, known, _ = encode_batch(flat)
+    return {caption: vector for caption, vector, ok in zip(flat, vectors, known) if ok}
+
+
 def feature_cache_path(cache_dir: str | Path, backbone: str, weights: str, image_size: int,
                        split: str, shards: Sequence[str]) -> Path:
     """Where a split's backbone features are cached: keyed by backbone, weights, size and shard files."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,14 +23,75 @@ from retrieval.embed import EncodedCollection, caption_pairs, encode_shards, eva
 from retrieval.errors import ConfigError, DataError, QueryError
 from retrieval.metrics import chance_recall, retrieval_metrics
 from retrieval.rundir import LAST_CHECKPOINT, RunDir
+from retrieval.typed_json import INLINE, OMIT_IF_NONE, JsonRecord
 
 #: metadata fields that may hold a class's name, in order of preference
 CLASS_NAME_FIELDS = ("class_name", "label_name", "class", "category", "name")
 DIRECTIONS = ("text_to_image", "image_to_text")
 
 
+# -- typed reports ------------------------------------------------------------------------------
+# A metrics table is a flat dict ``{"text_to_image/R@1": …, "image_to_text/mAP": …}``: score name → value.
+@dataclass
+class ZeroShotQuery(JsonRecord):
+    """A class held out of training, queried by its name."""
+
+    label: int
+    name: str
+    known: bool  # whether the text side knows a word of the name (else it cannot be a query)
+
+
+@dataclass
+class ZeroShotReport(JsonRecord):
+    """Text→image with the held-out class names as queries, against every image."""
+
+    queries: list[ZeroShotQuery]
+    num_images: int
+    metrics: dict[str, float] | None = None  # None when no class name has a known word
+    chance: dict[str, float] | None = None
+
+
+@dataclass
+class RetrievalReport(JsonRecord):
+    """All metrics in both directions with their chance levels, and zero-shot retrieval when the data has it."""
+
+    relevance: str  # "class" or "image"
+    distance: str  # how images and captions were compared: l2, ip or cosine
+    ks: list[int]
+    num_images: int
+    num_captions: int
+    metrics: dict[str, float]
+    chance: dict[str, float]
+    zero_shot: ZeroShotReport | None = field(default=None, metadata=OMIT_IF_NONE)
+
+
+@dataclass
+class CheckpointReport(JsonRecord):
+    """A :class:`RetrievalReport` of one checkpoint on one split of a shard folder (``retrieval evaluate``)."""
+
+    checkpoint: str
+    epoch: int
+    shard_dir: str
+    split: str
+    report: RetrievalReport = field(metadata=INLINE)
+
+
+@dataclass
+class HeldOutEvaluation(JsonRecord):
+    """What a comparison keeps of one model on the held-out split: metrics, R@K curve and example queries."""
+
+    metrics: dict[str, float]
+    chance: dict[str, float]
+    zero_shot: ZeroShotReport | None
+    relevance: str
+    num_captions: int
+    recall_curve: dict[str, list[float]]  # direction → [R@1, R@2, …]
+    examples: dict[str, list[str]]  # query → keys of its top images
+    example_matches: dict[str, list[bool]]  # query → is it each top image's caption or class name
+
+
 def cross_modal_report(image_emb: np.ndarray, caption_emb: np.ndarray, caption_labels: np.ndarray,
-                       image_labels: np.ndarray, ks=(1, 5, 10), metric: str = "l2") -> dict[str, float]:
+                       image_labels: np.ndarray, ks=(1, 5, 10), distance: str = "l2") -> dict[str, float]:
     """Flat dict ``{"text_to_image/R@1": …, "image_to_text/mAP": …}``.
 
     Relevance: caption ``c`` and image ``i`` match iff ``caption_labels[c] == image_labels[i]``
@@ -39,9 +100,10 @@ def cross_modal_report(image_emb: np.ndarray, caption_emb: np.ndarray, caption_l
     """
     asked = np.isin(image_labels, caption_labels)
     directions = {
-        "text_to_image": retrieval_metrics(caption_emb, image_emb, caption_labels, image_labels, ks=ks, metric=metric),
+        "text_to_image": retrieval_metrics(caption_emb, image_emb, caption_labels, image_labels, ks=ks,
+                                           distance=distance),
         "image_to_text": retrieval_metrics(image_emb[asked], caption_emb, image_labels[asked], caption_labels,
-                                           ks=ks, metric=metric),
+                                           ks=ks, distance=distance),
     }
     return {f"{direction}/{name}": float(value) for direction, result in directions.items()
             for name, value in result.as_dict().items()}
@@ -69,6 +131,18 @@ def image_classes(meta: Sequence[dict]) -> np.ndarray | None:
     return None
 
 
+def class_count(meta: Sequence[dict]) -> int | None:
+    """Number of classes (the largest class id + 1) on class data; None for caption-only data."""
+    classes = image_classes(meta)
+    return int(classes.max()) + 1 if classes is not None else None
+
+
+def image_labels(meta: Sequence[dict]) -> np.ndarray:
+    """Each image's relevance label: its class on class data, else its own index."""
+    classes = image_classes(meta)
+    return np.arange(len(meta)) if classes is None else classes
+
+
 def relevance(meta: Sequence[dict], owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
     """(caption labels, image labels, ``"class"`` or ``"image"``) for captions owned by ``owner``."""
     classes = image_classes(meta)
@@ -77,13 +151,29 @@ def relevance(meta: Sequence[dict], owner: np.ndarray) -> tuple[np.ndarray, np.n
     return classes[owner], classes, "class"
 
 
+@dataclass(frozen=True)
+class CaptionQueries:
+    """The known captions of a collection as queries: their vectors and the relevance labels of both sides."""
+
+    vectors: np.ndarray  # (M, D) caption vectors
+    caption_labels: np.ndarray  # (M,)
+    image_labels: np.ndarray  # (N,) one per image of the collection
+    relevance: str  # "class" or "image"
+
+
+def caption_queries(captions: Sequence[Sequence[str]], meta: Sequence[dict], encode_batch: Callable) -> CaptionQueries:
+    """Encode the captions of a collection (those with no known word are left out) and label both sides."""
+    vectors, owner, _ = caption_pairs(captions, encode_batch)
+    return CaptionQueries(vectors, *relevance(meta, owner))
+
+
 def class_names(meta: Sequence[dict], captions: Sequence[Sequence[str]]) -> dict[int, str]:
     """Class id → name: a name field of the metadata, else the commonest caption of the class."""
     names: dict[int, str] = {}
-    for field in CLASS_NAME_FIELDS:
+    for name_field in CLASS_NAME_FIELDS:
         for m in meta:
-            if "label" in m and isinstance(m.get(field), str) and m[field].strip():
-                names.setdefault(int(m["label"]), m[field].strip())
+            if "label" in m and isinstance(m.get(name_field), str) and m[name_field].strip():
+                names.setdefault(int(m["label"]), m[name_field].strip())
         if names:
             break
     by_class: dict[int, Counter] = {}
@@ -101,26 +191,24 @@ def zero_shot_classes(meta: Sequence[dict]) -> list[int]:
 
 # -- reports --------------------------------------------------------------------------------------
 def evaluate_embeddings(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                        encode_batch: Callable, ks: Sequence[int] = (1, 5, 10), metric: str = "l2") -> dict:
+                        encode_batch: Callable, ks: Sequence[int] = (1, 5, 10),
+                        distance: str = "l2") -> RetrievalReport:
     """All metrics in both directions, the chance level and (when present) zero-shot retrieval."""
-    caption_emb, owner, _ = caption_pairs(captions, encode_batch)
-    if len(caption_emb) == 0:
+    queries = caption_queries(captions, meta, encode_batch)
+    if len(queries.vectors) == 0:
         raise DataError("no held-out caption has a known word; nothing to evaluate")
-    caption_labels, image_labels, kind = relevance(meta, owner)
-    report = {
-        "relevance": kind, "metric": metric, "ks": list(ks),
-        "num_images": int(len(image_emb)), "num_captions": int(len(caption_emb)),
-        "metrics": cross_modal_report(image_emb, caption_emb, caption_labels, image_labels, ks, metric),
-        "chance": chance_report(caption_labels, image_labels, ks),
-    }
-    zero_shot = zero_shot_report(image_emb, captions, meta, encode_batch, ks, metric)
-    if zero_shot is not None:
-        report["zero_shot"] = zero_shot
-    return report
+    return RetrievalReport(
+        relevance=queries.relevance, distance=distance, ks=list(ks), num_images=int(len(image_emb)),
+        num_captions=int(len(queries.vectors)),
+        metrics=cross_modal_report(image_emb, queries.vectors, queries.caption_labels, queries.image_labels, ks,
+                                   distance),
+        chance=chance_report(queries.caption_labels, queries.image_labels, ks),
+        zero_shot=zero_shot_report(image_emb, captions, meta, encode_batch, ks, distance))
 
 
 def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                     encode_batch: Callable, ks: Sequence[int] = (1, 5, 10), metric: str = "l2") -> dict | None:
+                     encode_batch: Callable, ks: Sequence[int] = (1, 5, 10),
+                     distance: str = "l2") -> ZeroShotReport | None:
     """Text→image with the zero-shot class names as queries against every image; None without any."""
     held_out = zero_shot_classes(meta)
     if not held_out:
@@ -128,30 +216,29 @@ def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], m
     names = class_names(meta, captions)
     queries = [names[label] for label in held_out]
     vectors, known, _ = encode_batch(queries)
-    report = {"queries": [{"label": int(label), "name": names[label], "known": bool(ok)}
-                          for label, ok in zip(held_out, known)],
-              "num_images": int(len(image_emb)), "metrics": None, "chance": None}
+    report = ZeroShotReport([ZeroShotQuery(int(label), names[label], bool(ok)) for label, ok in zip(held_out, known)],
+                            num_images=int(len(image_emb)))
     if not known.any():  # e.g. word vectors trained on the training captions never saw these names
         return report
     labels, image_labels = np.asarray(held_out)[known], image_classes(meta)
-    result = retrieval_metrics(vectors[known], image_emb, labels, image_labels, ks=ks, metric=metric)
+    result = retrieval_metrics(vectors[known], image_emb, labels, image_labels, ks=ks, distance=distance)
     chance = chance_report(labels, image_labels, ks)
-    report["metrics"] = {f"text_to_image/{name}": float(value) for name, value in result.as_dict().items()}
-    report["chance"] = {key: value for key, value in chance.items() if key.startswith("text_to_image/")}
+    report.metrics = {f"text_to_image/{name}": float(value) for name, value in result.as_dict().items()}
+    report.chance = {key: value for key, value in chance.items() if key.startswith("text_to_image/")}
     return report
 
 
 def recall_curve(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                 encode_batch: Callable, max_k: int, metric: str = "l2") -> dict[str, list[float]]:
+                 encode_batch: Callable, max_k: int, distance: str = "l2") -> dict[str, list[float]]:
     """R@K for K = 1..min(max_k, images) in both directions: ``{"text_to_image": [R@1, R@2, …], …}``."""
-    caption_emb, owner, _ = caption_pairs(captions, encode_batch)
-    caption_labels, image_labels, _ = relevance(meta, owner)
+    queries = caption_queries(captions, meta, encode_batch)
     ks = range(1, max(1, min(int(max_k), len(image_emb))) + 1)
-    report = cross_modal_report(image_emb, caption_emb, caption_labels, image_labels, tuple(ks), metric)
+    report = cross_modal_report(image_emb, queries.vectors, queries.caption_labels, queries.image_labels, tuple(ks),
+                                distance)
     return {direction: [report[f"{direction}/R@{k}"] for k in ks] for direction in DIRECTIONS}
 
 
-def top_images(image_emb: np.ndarray, queries: Sequence[str], encode_query: Callable, metric: str, k: int,
+def top_images(image_emb: np.ndarray, queries: Sequence[str], encode_query: Callable, distance: str, k: int,
                keys: Sequence[str]) -> dict[str, list[str]]:
     """The keys of the ``k`` best images per text query (a query with no known word gets an empty list)."""
     found = {}
@@ -161,9 +248,9 @@ def top_images(image_emb: np.ndarray, queries: Sequence[str], encode_query: Call
         except QueryError:
             found[query] = []
             continue
-        if metric == "l2":
+        if distance == "l2":
             scores = -np.square(image_emb - vector[None, :]).sum(axis=1)
-        elif metric == "cosine":
+        elif distance == "cosine":
             scores = _unit(image_emb) @ _unit(vector[None, :])[0]
         else:
             scores = image_emb @ vector
@@ -176,15 +263,16 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 
 def full_report(image_emb: np.ndarray, keys: Sequence[str], captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                caption_encoder, *, ks: Sequence[int], metric: str, max_k: int, queries: Sequence[str],
-                top_k: int) -> dict:
+                caption_encoder, *, ks: Sequence[int], distance: str, max_k: int, queries: Sequence[str],
+                top_k: int) -> HeldOutEvaluation:
     """:func:`evaluate_embeddings` plus the R@K curve and the top images of example queries."""
-    report = evaluate_embeddings(image_emb, captions, meta, caption_encoder.encode_batch, ks, metric)
-    examples = top_images(image_emb, queries, caption_encoder.encode_query, metric, top_k, keys)
-    return {"metrics": report["metrics"], "chance": report["chance"], "zero_shot": report.get("zero_shot"),
-            "relevance": report["relevance"], "num_captions": report["num_captions"],
-            "recall_curve": recall_curve(image_emb, captions, meta, caption_encoder.encode_batch, max_k, metric),
-            "examples": examples, "example_matches": example_matches(examples, keys, captions, meta)}
+    report = evaluate_embeddings(image_emb, captions, meta, caption_encoder.encode_batch, ks, distance)
+    examples = top_images(image_emb, queries, caption_encoder.encode_query, distance, top_k, keys)
+    return HeldOutEvaluation(
+        metrics=report.metrics, chance=report.chance, zero_shot=report.zero_shot, relevance=report.relevance,
+        num_captions=report.num_captions,
+        recall_curve=recall_curve(image_emb, captions, meta, caption_encoder.encode_batch, max_k, distance),
+        examples=examples, example_matches=example_matches(examples, keys, captions, meta))
 
 
 def example_matches(examples: dict[str, list[str]], keys: Sequence[str], captions: Sequence[Sequence[str]],
@@ -220,7 +308,7 @@ def model_embeddings(model, shards: Sequence[str], split: str = "val", device: s
 
 
 def evaluate_run(run_dir: str | Path, *, checkpoint: str = LAST_CHECKPOINT, shards: str | Path | None = None,
-                 split: str = "val", ks: tuple[int, ...] | None = None, device: str = "cpu") -> dict:
+                 split: str = "val", ks: tuple[int, ...] | None = None, device: str = "cpu") -> CheckpointReport:
     """The evaluation report of one checkpoint of a run on ``split`` of its (or other) shards."""
     path = RunDir(run_dir).checkpoint(checkpoint)
     model = load_checkpoint(path, device=device)
@@ -230,7 +318,7 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str = LAST_CHECKPOINT, shar
     report = evaluate_embeddings(collection.vectors.numpy(), collection.captions, collection.meta,
                                  model.caption_encoder.encode_batch, ks or model.config.train.ks,
                                  model.loss.search_metric)
-    return {"checkpoint": str(path), "epoch": model.epoch, "shard_dir": str(shard_dir), "split": split, **report}
+    return CheckpointReport(str(path), model.epoch, str(shard_dir), split, report)
 
 
 @dataclass
@@ -260,49 +348,11 @@ def load_held_out(config, split: str = "val") -> HeldOutSplit:
 
 def check_metric_name(name: str, ks: Sequence[int], where: str) -> None:
     """One-line ConfigError unless ``name`` is a metric these reports hold, e.g. ``text_to_image/R@5``."""
-    direction, _, metric = name.partition("/")
+    direction, _, score = name.partition("/")
     valid = table_metrics(ks) + ["MeanR"]
-    if direction not in DIRECTIONS or metric not in valid:
+    if direction not in DIRECTIONS or score not in valid:
         raise ConfigError(f"{where}: {name!r} must be text_to_image/ or image_to_text/ followed by one of "
                           f"{', '.join(valid)}")
-
-
-# -- summaries over runs (seeds) -------------------------------------------------------------
-def mean_std(values: list[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (0 for a single run)."""
-    array = np.asarray(values, dtype=np.float64)
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0}
-
-
-def _curve_means(curves: list[list[float]]) -> list[float]:
-    length = min(len(c) for c in curves)
-    return np.mean([c[:length] for c in curves], axis=0).tolist()
-
-
-def summarize_runs(runs: list[dict], primary: str) -> dict:
-    """Per metric mean ± std over runs; mean R@K curves; mean training curves (epochs aligned)."""
-    keys = list(runs[0]["metrics"])
-    summary = {"num_runs": len(runs), "metrics": {k: mean_std([r["metrics"][k] for r in runs]) for k in keys},
-               "wall_seconds": mean_std([r["wall_seconds"] for r in runs]),
-               "train_seconds": mean_std([r["train_seconds"] for r in runs]),
-               "recall_curve": {d: _curve_means([r["recall_curve"][d] for r in runs]) for d in runs[0]["recall_curve"]},
-               "zero_shot": None}
-    zero = [(r.get("zero_shot") or {}).get("metrics") for r in runs]
-    if all(zero):
-        summary["zero_shot"] = {k: mean_std([z[k] for z in zero]) for k in zero[0]}
-    histories = [r["history"] for r in runs if r["history"]]
-    if histories:
-        epochs = [h["epoch"] for h in histories[0] if "loss" in h]
-        evals = [h["epoch"] for h in histories[0] if h["metrics"]]
-        rows = [{h["epoch"]: h for h in history} for history in histories]
-        summary["curves"] = {
-            "epoch": epochs,
-            "loss": [float(np.mean([row[e]["loss"] for row in rows])) for e in epochs],
-            "active_fraction": [float(np.mean([row[e]["active_fraction"] for row in rows])) for e in epochs],
-            "eval_epoch": evals,
-            "primary": [float(np.mean([row[e]["metrics"][primary] for row in rows])) for e in evals],
-        }
-    return summary
 
 
 # -- text table ------------------------------------------------------------------------------------
@@ -311,12 +361,11 @@ def table_metrics(ks: Sequence[int]) -> list[str]:
     return [f"R@{k}" for k in ks] + [f"P@{k}" for k in ks] + ["mAP", "MedR"]
 
 
-def format_report(report: dict) -> str:
+def format_report(report: RetrievalReport) -> str:
     """A text table: one row per direction and its chance level; zero-shot rows when present."""
-    columns = table_metrics(report["ks"])
+    columns = table_metrics(report.ks)
     header = f"{'':<26}" + "".join(f"{name:>9}" for name in columns)
-    lines = [f"relevance by {report['relevance']}: {report['num_captions']} captions, {report['num_images']} images",
-             header]
+    lines = [f"relevance by {report.relevance}: {report.num_captions} captions, {report.num_images} images", header]
 
     def row(label: str, values: dict, direction: str) -> str:
         cells = []
@@ -326,15 +375,15 @@ def format_report(report: dict) -> str:
         return f"{label:<26}" + "".join(f"{cell:>9}" for cell in cells)
 
     for direction in DIRECTIONS:
-        lines.append(row(direction, report["metrics"], direction))
-        lines.append(row("  chance", report["chance"], direction))
-    if report.get("zero_shot", {}).get("metrics"):
-        zero_shot = report["zero_shot"]
-        names = ", ".join(q["name"] for q in zero_shot["queries"])
-        lines.append(f"zero-shot text→image (queries = held-out class names: {names}; all images):")
-        lines.append(row("text_to_image (zero-shot)", zero_shot["metrics"], "text_to_image"))
-        lines.append(row("  chance", zero_shot["chance"], "text_to_image"))
-    elif "zero_shot" in report:
-        names = ", ".join(q["name"] for q in report["zero_shot"]["queries"])
-        lines.append(f"zero-shot text→image: not evaluated, no held-out class name has a known word ({names})")
+        lines.append(row(direction, report.metrics, direction))
+        lines.append(row("  chance", report.chance, direction))
+    zero_shot = report.zero_shot
+    if zero_shot is not None:
+        names = ", ".join(query.name for query in zero_shot.queries)
+        if zero_shot.metrics:
+            lines.append(f"zero-shot text→image (queries = held-out class names: {names}; all images):")
+            lines.append(row("text_to_image (zero-shot)", zero_shot.metrics, "text_to_image"))
+            lines.append(row("  chance", zero_shot.chance or {}, "text_to_image"))
+        else:
+            lines.append(f"zero-shot text→image: not evaluated, no held-out class name has a known word ({names})")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ import numpy as np
 
 from retrieval.errors import ConfigError, DataError
 
-METRICS = ("l2", "ip", "cosine")
+DISTANCES = ("l2", "ip", "cosine")
 DEFAULT_MAX_BYTES = 256 * 2**20
 _CELL_BYTES = (12, 24)  # working bytes per score-block cell (broadcast, searchsorted counting)
 _PAIR_BYTES = 64  # working bytes per gathered relevant pair
@@ -83,25 +83,25 @@ def retrieval_metrics(
     item_labels: Any,
     *,
     ks: Sequence[int] = (1, 5, 10),
-    metric: str = "l2",
+    distance: str = "l2",
     query_chunk: int | None = None,
     item_chunk: int | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> RetrievalMetrics:
     """Rank ``items`` (n, d) for every row of ``queries`` (q, d) and average the metrics.
 
-    ``metric``: ``l2`` (score = -squared distance), ``ip`` or ``cosine`` (higher is better).
+    ``distance``: ``l2`` (score = -squared distance), ``ip`` or ``cosine`` (score = similarity, higher is better).
     Chunk sizes are derived from ``max_bytes`` unless ``query_chunk``/``item_chunk`` are given.
     """
     ks = _check_ks(ks)
-    if metric not in METRICS:
-        raise ConfigError(f"metric: unknown {metric!r}; choose one of: {', '.join(METRICS)}")
+    if distance not in DISTANCES:
+        raise ConfigError(f"distance: unknown {distance!r}; choose one of: {', '.join(DISTANCES)}")
     qx, xx = _as_matrix(queries, "queries"), _as_matrix(items, "items")
     if qx.shape[1] != xx.shape[1]:
         raise DataError(f"queries have dimension {qx.shape[1]} but items have {xx.shape[1]}")
     qlab = _as_labels(query_labels, len(qx), "query_labels")
     xlab = _as_labels(item_labels, len(xx), "item_labels")
-    if metric == "cosine":
+    if distance == "cosine":
         qx, xx = _normalize(qx, "queries"), _normalize(xx, "items")
     qn, xn = _squared_norms(qx), _squared_norms(xx)
     if 4.0 * max(float(qn.max()), float(xn.max())) > 1e37:
@@ -111,7 +111,7 @@ def retrieval_metrics(
     if (missing := int(np.count_nonzero(r == 0))) > 0:
         raise DataError(f"{missing} of {len(qlab)} queries have no relevant item (no item shares their label)")
     qc, ic = _chunk_sizes(len(qx), len(xx), int(r.max()), max_bytes, query_chunk, item_chunk)
-    if metric != "l2":  # without norms, _scores gives q.x; with them 2*q.x - |q|^2 - |x|^2 = -|q - x|^2
+    if distance != "l2":  # without norms, _scores gives q.x; with them 2*q.x - |q|^2 - |x|^2 = -|q - x|^2
         qn = xn = None
     first, ap = np.empty(len(qx)), np.empty(len(qx))
     hits = {k: np.empty(len(qx)) for k in ks}
@@ -258,7 +258,7 @@ def cross_modal_metrics(
     caption_image_ids: Any,
     ks: Sequence[int] = (1, 5, 10),
     *,
-    metric: str = "l2",
+    distance: str = "l2",
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> dict[str, RetrievalMetrics]:
     """``text_to_image`` (captions query images) and ``image_to_text`` (images query captions).
@@ -272,7 +272,7 @@ def cross_modal_metrics(
     if (orphans := len(images) - len(np.unique(ids))) > 0:
         raise DataError(f"{orphans} of {len(images)} images have no caption in caption_image_ids")
     image_ids = np.arange(len(images))
-    kw = dict(ks=ks, metric=metric, max_bytes=max_bytes)
+    kw = dict(ks=ks, distance=distance, max_bytes=max_bytes)
     return {
         "text_to_image": retrieval_metrics(captions, images, ids, image_ids, **kw),
         "image_to_text": retrieval_metrics(images, captions, image_ids, ids, **kw),

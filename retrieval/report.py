@@ -1,7 +1,7 @@
 """Turn a comparison's ``results.json`` into ``report.md`` and PNG plots.
 
-Everything here reads the results dict only (plus the held-out shards, for thumbnails): every
-number in the report is a value of ``results.json`` printed with one of the formats below.
+Everything here reads the :class:`ComparisonResults` only (plus the held-out shards, for thumbnails):
+every number in the report is a value of ``results.json`` printed with one of the formats below.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from retrieval.compare_results import ComparisonResults, MeanStd, Standing, TextSide
 from retrieval.io import atomic_path
 
 REPORT_FILE = "report.md"
@@ -41,17 +42,17 @@ def fmt_signed(value: float, metric: str = "") -> str:
     return f"{value:+.1f}" if metric.split("/")[-1] in RANK_METRICS else f"{value:+.3f}"
 
 
-def fmt_stats(stats: dict | None, metric: str = "") -> str:
+def fmt_stats(stats: MeanStd | Standing | None, metric: str = "") -> str:
     """``mean ± std`` of a summary entry."""
-    return DASH if not stats else f"{fmt(stats['mean'], metric)} ± {fmt(stats['std'], metric)}"
+    return DASH if not stats else f"{fmt(stats.mean, metric)} ± {fmt(stats.std, metric)}"
 
 
-def _seconds(stats: dict) -> str:
-    return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
+def _seconds(stats: MeanStd) -> str:
+    return f"{stats.mean:.1f} ± {stats.std:.1f}"
 
 
-def _runs(a: dict, b: dict) -> str:
-    return f"{a['runs']} seeds" if a["runs"] == b["runs"] else f"{a['runs']} vs {b['runs']} runs"
+def _runs(a: Standing, b: Standing) -> str:
+    return f"{a.runs} seeds" if a.runs == b.runs else f"{a.runs} vs {b.runs} runs"
 
 
 def _better(margin: float, metric: str, first: str, second: str) -> str:
@@ -61,111 +62,107 @@ def _better(margin: float, metric: str, first: str, second: str) -> str:
     return f"**{first if (margin > 0) != (metric.split('/')[-1] in RANK_METRICS) else second}** retrieves better"
 
 
-def _vs(a: dict, b: dict, metric: str) -> str:
+def _vs(a: Standing, b: Standing, metric: str) -> str:
     """``(0.450 ± 0.020 vs 0.330 ± 0.030, 3 seeds)``."""
     return f"({fmt_stats(a, metric)} vs {fmt_stats(b, metric)}, {_runs(a, b)})"
 
 
 # -- markdown -----------------------------------------------------------------------------------
-def _verdict_lines(results: dict) -> list[str]:
-    verdict = results.get("verdict")
+def _verdict_lines(results: ComparisonResults) -> list[str]:
+    verdict = results.verdict
     if not verdict:
         return ["No variant ran; see the skipped variants below."]
-    metric = verdict["metric"]
-    winner, lines = verdict["winner"], []
-    if "runner_up" in verdict:
-        other = verdict["runner_up"]
-        lines.append(f"- **`{winner['name']}` wins**: it beats `{other['name']}` by "
-                     f"{fmt_signed(other['margin'], metric)} {label(metric)} {_vs(winner, other, metric)}.")
+    metric = verdict.metric
+    winner, lines = verdict.winner, []
+    if verdict.runner_up is not None:
+        other = verdict.runner_up
+        lines.append(f"- **`{winner.name}` wins**: it beats `{other.name}` by "
+                     f"{fmt_signed(other.margin, metric)} {label(metric)} {_vs(winner, other, metric)}.")
     else:
-        lines.append(f"- Only `{winner['name']}` ran: {label(metric)} {fmt_stats(winner, metric)}.")
-    if "best_cross_entropy" in verdict:
-        other = verdict["best_cross_entropy"]
-        lines.append(f"- Over the best cross-entropy variant `{other['name']}`: {fmt_signed(other['margin'], metric)} "
+        lines.append(f"- Only `{winner.name}` ran: {label(metric)} {fmt_stats(winner, metric)}.")
+    if verdict.best_cross_entropy is not None:
+        other = verdict.best_cross_entropy
+        lines.append(f"- Over the best cross-entropy variant `{other.name}`: {fmt_signed(other.margin, metric)} "
                      f"{_vs(winner, other, metric)}.")
-    if "triplet_vs_cross_entropy" in verdict:
-        pair = verdict["triplet_vs_cross_entropy"]
-        triplet, ce = pair["triplet"], pair["cross_entropy"]
-        better = _better(ce["margin"], metric, "triplet", "cross-entropy")
-        lines.append(f"- Triplet vs cross-entropy on `{pair['vectors']}` targets: "
-                     f"best triplet `{triplet['name']}` minus best cross-entropy `{ce['name']}` = "
-                     f"{fmt_signed(ce['margin'], metric)} {label(metric)} "
+    if verdict.triplet_vs_cross_entropy is not None:
+        pair = verdict.triplet_vs_cross_entropy
+        triplet, ce = pair.triplet, pair.cross_entropy
+        better = _better(ce.margin, metric, "triplet", "cross-entropy")
+        lines.append(f"- Triplet vs cross-entropy on `{pair.vectors}` targets: "
+                     f"best triplet `{triplet.name}` minus best cross-entropy `{ce.name}` = "
+                     f"{fmt_signed(ce.margin, metric)} {label(metric)} "
                      f"{_vs(triplet, ce, metric)}: {better}.")
-    for side in results.get("text_sides", []):
+    for side in results.text_sides:
         lines.append(_text_side_line(side, metric))
-    if metric in results.get("chance", {}):
-        lines.append(f"- Chance level of {label(metric)}: {fmt(results['chance'][metric], metric)}.")
+    if metric in results.chance:
+        lines.append(f"- Chance level of {label(metric)}: {fmt(results.chance[metric], metric)}.")
     return lines
 
 
-def _text_side_line(side: dict, metric: str) -> str:
-    better = _better(side["margin"], metric, f"`{side['vectors']}`", f"`{side['counterpart_vectors']}`")
-    recipe = "same recipe" if side["same_recipe"] else "best variant on those vectors"
-    return (f"- Text targets: `{side['vectors']}` (`{side['variant']['name']}`) vs `{side['counterpart_vectors']}` "
-            f"(`{side['counterpart']['name']}`, {recipe}): {fmt_signed(side['margin'], metric)} {label(metric)} "
-            f"{_vs(side['variant'], side['counterpart'], metric)}, at {side['time_ratio']:.1f}× the time per run "
-            f"({side['wall_seconds']:.1f} s vs {side['counterpart_wall_seconds']:.1f} s): {better}.")
+def _text_side_line(side: TextSide, metric: str) -> str:
+    better = _better(side.margin, metric, f"`{side.vectors}`", f"`{side.counterpart_vectors}`")
+    recipe = "same recipe" if side.same_recipe else "best variant on those vectors"
+    return (f"- Text targets: `{side.vectors}` (`{side.variant.name}`) vs `{side.counterpart_vectors}` "
+            f"(`{side.counterpart.name}`, {recipe}): {fmt_signed(side.margin, metric)} {label(metric)} "
+            f"{_vs(side.variant, side.counterpart, metric)}, at {side.time_ratio:.1f}× the time per run "
+            f"({side.wall_seconds:.1f} s vs {side.counterpart_wall_seconds:.1f} s): {better}.")
 
 
-def _metric_table(results: dict, direction: str, zero_shot: bool = False) -> list[str]:
-    ks = results["ks"]
+def _metric_table(results: ComparisonResults, direction: str, zero_shot: bool = False) -> list[str]:
+    ks = results.ks
     names = [f"R@{k}" for k in ks] + [f"P@{k}" for k in ks] + ["mAP", "MedR"]
     lines = ["| variant | runs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for variant in _ok(results):
-        stats = variant["summary"]["zero_shot"] if zero_shot else variant["summary"]["metrics"]
+    for variant in results.ran():
+        stats = variant.summary.zero_shot if zero_shot else variant.summary.metrics
         cells = [fmt_stats((stats or {}).get(f"{direction}/{n}"), n) for n in names]
-        lines.append(f"| `{variant['name']}` | {variant['summary']['num_runs']} | " + " | ".join(cells) + " |")
-    chance = (results.get("zero_shot_chance") if zero_shot else results.get("chance")) or {}
+        lines.append(f"| `{variant.name}` | {variant.summary.num_runs} | " + " | ".join(cells) + " |")
+    chance = (results.zero_shot_chance if zero_shot else results.chance) or {}
     lines.append("| chance | | " + " | ".join(fmt(chance.get(f"{direction}/{n}"), n) for n in names) + " |")
     return lines
 
 
-def _cost_table(results: dict) -> list[str]:
+def _cost_table(results: ComparisonResults) -> list[str]:
     lines = ["| variant | kind | loss | text targets | seconds per run | of which epochs |",
              "|---|---|---|---|---|---|"]
-    for variant in _ok(results):
-        summary = variant["summary"]
-        loss = "ConSE (no training)" if variant["kind"] == "conse" else f"`{variant['loss']}`"
-        if variant["kind"] == "train" and variant["loss"].startswith("triplet"):
-            loss += f" (`{variant['negatives']}` negatives)"
-        lines.append(f"| `{variant['name']}` | {variant['kind']} | {loss} | `{variant['text_vectors']}` | "
-                     f"{_seconds(summary['wall_seconds'])} | {_seconds(summary['train_seconds'])} |")
+    for variant in results.ran():
+        summary = variant.summary
+        loss = "ConSE (no training)" if variant.kind == "conse" else f"`{variant.loss}`"
+        if variant.kind == "train" and variant.loss.startswith("triplet"):
+            loss += f" (`{variant.negatives}` negatives)"
+        lines.append(f"| `{variant.name}` | {variant.kind} | {loss} | `{variant.text_vectors}` | "
+                     f"{_seconds(summary.wall_seconds)} | {_seconds(summary.train_seconds)} |")
     return lines
 
 
-def _ok(results: dict) -> list[dict]:
-    return [v for v in results["variants"] if v["status"] == "ok"]
-
-
-def render_report(results: dict) -> str:
-    """The markdown report of a comparison, from its results dict alone."""
-    data, metric = results["data"], results["primary_metric"]
-    seeds = ", ".join(str(s) for s in results["seeds"])
-    lines = [f"# Comparison `{results['name']}`", "", f"Command: `{results['command']}`", "",
-             f"Held-out split: {data['num_val_images']} images and {data['num_val_captions']} captions "
-             f"(`{data['shard_dir']}`), relevance by {data['relevance']}. Each trained variant ran with "
-             f"{results['num_seeds']} seeds ({seeds}) on the same data, backbone and schedule, and each run is "
-             f"evaluated with its `{results['checkpoint']}` checkpoint. Values are mean ± sample standard deviation "
+def render_report(results: ComparisonResults) -> str:
+    """The markdown report of a comparison, from its results alone."""
+    data, metric = results.data, results.primary_metric
+    seeds = ", ".join(str(s) for s in results.seeds)
+    lines = [f"# Comparison `{results.name}`", "", f"Command: `{results.command}`", "",
+             f"Held-out split: {data.num_val_images} images and {data.num_val_captions} captions "
+             f"(`{data.shard_dir}`), relevance by {data.relevance}. Each trained variant ran with "
+             f"{results.num_seeds} seeds ({seeds}) on the same data, backbone and schedule, and each run is "
+             f"evaluated with its `{results.checkpoint}` checkpoint. Values are mean ± sample standard deviation "
              f"over runs; variants are ranked by {label(metric)}.", "", "## Verdict", "", *_verdict_lines(results)]
     for direction in ("text_to_image", "image_to_text"):
         title = label(direction + "/").strip()
         lines += ["", f"## Held-out retrieval: {title}", "", *_metric_table(results, direction)]
     lines += ["", "## Training cost", "", "Wall-clock seconds per run (setup, text targets and training) and the "
               "part spent in training epochs.", "", *_cost_table(results)]
-    if results.get("setup_seconds"):
-        setup = results["setup_seconds"]
-        loads = ", ".join(f"`{k}` {v:.1f} s" for k, v in setup["text"].items())
+    if results.setup_seconds:
+        setup = results.setup_seconds
+        loads = ", ".join(f"`{k}` {v:.1f} s" for k, v in setup.text.items())
         lines += ["", f"Done once before the first run and not counted above: backbone features of both splits "
-                  f"into the shared cache, {setup['features']:.1f} s"
+                  f"into the shared cache, {setup.features:.1f} s"
                   + (f"; a first load of each text side, so that no run pays a cold start: {loads}." if loads else ".")]
-    if results.get("zero_shot_queries"):
-        names = ", ".join(f"`{q['name']}`" for q in results["zero_shot_queries"])
+    if results.zero_shot_queries:
+        names = ", ".join(f"`{q.name}`" for q in results.zero_shot_queries)
         lines += ["", "## Zero-shot retrieval", "", f"Text→image with the names of the classes held out of training "
-                  f"as queries ({names}), each against all {data['num_val_images']} held-out images; relevant: "
+                  f"as queries ({names}), each against all {data.num_val_images} held-out images; relevant: "
                   "the images of that class.", "", *_metric_table(results, "text_to_image", zero_shot=True)]
-    skipped = [v for v in results["variants"] if v["status"] != "ok"]
+    skipped = [v for v in results.variants if not v.ok]
     if skipped:
-        lines += ["", "## Skipped variants", ""] + [f"- `{v['name']}`: `{v['note']}`" for v in skipped]
+        lines += ["", "## Skipped variants", ""] + [f"- `{v.name}`: `{v.note}`" for v in skipped]
     lines += ["", "## Plots", "", f"![training curves]({PLOTS['training']})", "", f"![R@K curves]({PLOTS['recall']})",
               "", f"![example queries]({PLOTS['examples']})", ""]
     return "\n".join(lines)
@@ -179,48 +176,53 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def _colors(results: dict) -> dict[str, tuple]:
+def _colors(results: ComparisonResults) -> dict[str, tuple]:
     """One colour per variant, the same in every plot."""
     cmap = colormaps["tab10"]
-    return {v["name"]: cmap(i % 10) for i, v in enumerate(results["variants"])}
+    return {v.name: cmap(i % 10) for i, v in enumerate(results.variants)}
 
 
-def plot_training_curves(results: dict, path: Path) -> Path:
+def plot_training_curves(results: ComparisonResults, path: Path) -> Path:
     """Loss, active fraction and the held-out ranking metric per epoch, mean over seeds per variant."""
     figure = Figure(figsize=(15, 4))
     axes = figure.subplots(1, 3)
-    colors, metric = _colors(results), results["primary_metric"]
-    for variant in _ok(results):
-        curves, color = variant["summary"].get("curves"), colors[variant["name"]]
+    colors, metric = _colors(results), results.primary_metric
+    for variant in results.ran():
+        curves, color = variant.summary.curves, colors[variant.name]
         if curves is None:  # no training (ConSE): a level line in the metric panel
-            axes[2].axhline(variant["summary"]["metrics"][metric]["mean"], color=color, linestyle="--",
-                            label=f"{variant['name']} (no training)")
+            axes[2].axhline(variant.summary.metrics[metric].mean, color=color, linestyle="--",
+                            label=f"{variant.name} (no training)")
             continue
-        axes[0].plot(curves["epoch"], curves["loss"], color=color, label=variant["name"])
-        axes[1].plot(curves["epoch"], curves["active_fraction"], color=color, label=variant["name"])
-        axes[2].plot(curves["eval_epoch"], curves["primary"], color=color, marker="o", label=variant["name"])
-    if metric in results.get("chance", {}):
-        axes[2].axhline(results["chance"][metric], color="gray", linestyle=":", label="chance")
+        axes[0].plot(curves.epoch, _nan_for_none(curves.loss), color=color, label=variant.name)
+        axes[1].plot(curves.epoch, _nan_for_none(curves.active_fraction), color=color, label=variant.name)
+        axes[2].plot(curves.eval_epoch, curves.primary, color=color, marker="o", label=variant.name)
+    if metric in results.chance:
+        axes[2].axhline(results.chance[metric], color="gray", linestyle=":", label="chance")
     titles = ("training loss", "active fraction", f"held-out {label(metric)}")
     for axis, title in zip(axes, titles):
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
-    figure.suptitle(f"{results['name']}: mean over seeds", y=1.03)
+    figure.suptitle(f"{results.name}: mean over seeds", y=1.03)
     return _save(figure, path)
 
 
-def plot_recall_curves(results: dict, path: Path) -> Path:
+def _nan_for_none(values: list[float | None]) -> list[float]:
+    """A curve with gaps where results.json holds null (a loss that was not finite)."""
+    return [float("nan") if v is None else v for v in values]
+
+
+def plot_recall_curves(results: ComparisonResults, path: Path) -> Path:
     """Mean held-out R@K against K for both directions, with the chance level at the reported K."""
     figure = Figure(figsize=(11, 4))
     axes = figure.subplots(1, 2)
     colors = _colors(results)
     for axis, direction in zip(axes, ("text_to_image", "image_to_text")):
-        for variant in _ok(results):
-            curve = variant["summary"]["recall_curve"][direction]
-            axis.plot(range(1, len(curve) + 1), curve, color=colors[variant["name"]], label=variant["name"])
-        chance = {k: results.get("chance", {}).get(f"{direction}/R@{k}") for k in results["ks"]}
+        for variant in results.ran():
+            curve = variant.summary.recall_curve[direction]
+            axis.plot(range(1, len(curve) + 1), curve, color=colors[variant.name], label=variant.name)
+        chance = {k: results.chance.get(f"{direction}/R@{k}") for k in results.ks}
         points = [(k, v) for k, v in chance.items() if v is not None]
         if points:
             axis.plot(*zip(*points), "kx", label="chance")
@@ -232,9 +234,9 @@ def plot_recall_curves(results: dict, path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_examples(results: dict, thumbnails: dict, path: Path) -> Path:
+def plot_examples(results: ComparisonResults, thumbnails: dict, path: Path) -> Path:
     """Rows: variants; columns: the top images of each example query (first run of each variant)."""
-    variants, queries, k = _ok(results), results["example_queries"], results["example_top_k"]
+    variants, queries, k = results.ran(), results.example_queries, results.example_top_k
     rows, cols = max(1, len(variants)), max(1, len(queries) * k)
     figure = Figure(figsize=(1.3 * cols + 1.5, 1.4 * rows + 0.8))
     axes = np.atleast_2d(figure.subplots(rows, cols, squeeze=False))
@@ -244,8 +246,9 @@ def plot_examples(results: dict, thumbnails: dict, path: Path) -> Path:
         for spine in axis.spines.values():
             spine.set_visible(False)
     for row, variant in enumerate(variants):
-        axes[row, 0].set_ylabel(variant["name"], rotation=0, ha="right", va="center", fontsize=9)
-        examples, matches = variant["runs"][0]["examples"], variant["runs"][0].get("example_matches", {})
+        axes[row, 0].set_ylabel(variant.name, rotation=0, ha="right", va="center", fontsize=9)
+        first = variant.runs[0].evaluation
+        examples, matches = first.examples, first.example_matches
         for q, query in enumerate(queries):
             if not examples.get(query):
                 axes[row, q * k].text(0.5, 0.5, "no known word\nin this query", ha="center", va="center", fontsize=8)
@@ -281,11 +284,11 @@ def load_thumbnails(shards: Iterable[str], keys: set[str], size: int = 128) -> d
     return found
 
 
-def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
+def write_report(results: ComparisonResults, out_dir: str | Path) -> dict[str, Path]:
     """``report.md`` and the three plots in ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
-    keys = {key for v in _ok(results) for found in v["runs"][0]["examples"].values() for key in found}
-    thumbnails = load_thumbnails(results["data"]["val_shards"], keys)
+    keys = {key for v in results.ran() for found in v.runs[0].evaluation.examples.values() for key in found}
+    thumbnails = load_thumbnails(results.data.val_shards, keys)
     paths = {"training": plot_training_curves(results, out_dir / PLOTS["training"]),
              "recall": plot_recall_curves(results, out_dir / PLOTS["recall"]),
              "examples": plot_examples(results, thumbnails, out_dir / PLOTS["examples"])}

@@ -13,7 +13,8 @@ from PIL import Image
 
 from pipelines.compare import main as compare
 from retrieval.compare import load_compare_config
-from retrieval.errors import ConfigError
+from retrieval.compare_results import ComparisonResults, RunResult
+from retrieval.errors import ConfigError, DataError
 from retrieval.report import render_report
 from retrieval.rundir import RunDir
 
@@ -61,6 +62,7 @@ def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
         assert [run["seed"] for run in variant["runs"]] == [0, 1]
         for run in variant["runs"]:
             assert run["wall_seconds"] > 0 and len(run["history"]) == 3  # epoch 0 (untrained) + 2 epochs
+            assert run["distance"] in ("l2", "cosine") and (variant["loss"] != "triplet" or run["distance"] == "l2")
             stored = torch.load(RunDir(out / run["run_dir"]).checkpoint("last.pt"), weights_only=False)["metrics"]
             assert {k: run["metrics"][k] for k in stored} == pytest.approx(stored, abs=1e-6)
         assert len(variant["summary"]["recall_curve"]["text_to_image"]) == 10
@@ -123,7 +125,9 @@ def check_numbers_come_from(results: dict, report: str) -> int:
 
 def test_every_number_in_the_report_comes_from_results_json(comparison):
     _, results, report = comparison
-    assert report == render_report(results)  # the report is a function of results.json alone
+    typed = ComparisonResults.from_json(results)
+    assert typed.to_json() == results  # results.json reads back as it was written
+    assert report == render_report(typed)  # the report is a function of results.json alone
     assert check_numbers_come_from(results, report) > 50
 
 
@@ -140,8 +144,12 @@ def hand_made_results() -> dict:
     def variant(name, loss, mean, std, vectors="glove-6b-50d", family="triplet", zero=None):
         stats = {f"{d}/{m}": {"mean": mean, "std": std} for d in ("text_to_image", "image_to_text")
                  for m in ("R@1", "R@5", "R@10", "P@1", "P@5", "P@10", "mAP", "MedR")}
-        return {"name": name, "kind": "train", "status": "ok", "loss": loss, "negatives": "hard", "family": family,
-                "text_vectors": vectors, "note": None, "runs": [{"examples": {}}],
+        run = {"seed": 0, "run_dir": f"runs/{name}/seed-0", "wall_seconds": 12.5, "train_seconds": 10.25,
+               "history": [], "distance": "l2", "metrics": {}, "chance": {}, "zero_shot": None, "relevance": "class",
+               "num_captions": 200, "recall_curve": {}, "examples": {}, "example_matches": {}}
+        return {"name": name, "kind": "train", "set": [f"loss.name={loss}"], "optional": False, "family": family,
+                "loss": loss, "negatives": "hard", "text_vectors": vectors, "recipe": {}, "status": "ok", "note": None,
+                "runs": [run],
                 "summary": {"num_runs": 3, "metrics": stats, "zero_shot": zero,
                             "wall_seconds": {"mean": 12.5, "std": 0.5}, "train_seconds": {"mean": 10.25, "std": 0.25},
                             "recall_curve": {"text_to_image": [0.1, 0.3], "image_to_text": [0.2, 0.4]}}}
@@ -150,26 +158,32 @@ def hand_made_results() -> dict:
     triplet = {"name": "triplet-hard", "mean": 0.45, "std": 0.02, "runs": 3}
     sigmoid = {"name": "sigmoid-ce", "mean": 0.33, "std": 0.03, "runs": 3, "margin": 0.12}
     return {
-        "name": "hand", "command": "retrieval compare --config hand.yaml", "seeds": [0, 1, 2], "num_seeds": 3,
+        "format": "retrieval-compare/2", "name": "hand", "command": "retrieval compare --config hand.yaml",
+        "compare_config": {}, "base_config": {}, "seeds": [0, 1, 2], "num_seeds": 3,
         "checkpoint": "last.pt", "primary_metric": "text_to_image/R@5", "ks": [1, 5, 10],
-        "data": {"shard_dir": "shards", "num_val_images": 40, "num_val_captions": 200, "relevance": "class"},
+        "example_queries": [], "example_top_k": 4,
+        "data": {"shard_dir": "shards", "val_shards": [], "num_val_images": 40, "num_val_captions": 200,
+                 "relevance": "class"},
         "chance": {"text_to_image/R@5": 0.125}, "zero_shot_chance": {"text_to_image/R@5": 0.0625},
         "zero_shot_queries": [{"label": 5, "name": "sandal", "known": True}],
         "variants": [variant("triplet-hard", "triplet", 0.45, 0.02, zero=zero),
                      variant("sigmoid-ce", "sigmoid-ce", 0.33, 0.03, family="cross-entropy"),
-                     {"name": "softmax-ce", "kind": "train", "status": "skipped", "note": "needs class labels",
-                      "runs": []}],
+                     {"name": "softmax-ce", "kind": "train", "set": [], "optional": False, "family": "cross-entropy",
+                      "loss": "softmax-ce", "negatives": "hard", "text_vectors": "glove-6b-50d", "recipe": {},
+                      "status": "skipped", "note": "needs class labels", "runs": []}],
         "verdict": {"metric": "text_to_image/R@5", "ranking": ["triplet-hard", "sigmoid-ce"], "winner": triplet,
                     "runner_up": sigmoid, "best_cross_entropy": sigmoid,
                     "triplet_vs_cross_entropy": {"triplet": triplet, "cross_entropy": sigmoid,
                                                  "vectors": "glove-6b-50d"}},
-        "text_sides": [], "text_load_seconds": {"glove-6b-50d": 1.5},
+        "text_sides": [], "setup_seconds": {"features": 3.5, "text": {"glove-6b-50d": 1.5}},
     }
 
 
 def test_render_report_states_the_winner_and_its_margins():
     results = hand_made_results()
-    report = render_report(results)
+    typed = ComparisonResults.from_json(results)
+    assert typed.to_json() == results
+    report = render_report(typed)
     assert ("**`triplet-hard` wins**: it beats `sigmoid-ce` by +0.120 text→image R@5 (0.450 ± 0.020 vs "
             "0.330 ± 0.030, 3 seeds).") in report
     assert "Over the best cross-entropy variant `sigmoid-ce`: +0.120" in report
@@ -179,7 +193,36 @@ def test_render_report_states_the_winner_and_its_margins():
     assert "- `softmax-ce`: `needs class labels`" in report
     assert ("| `triplet-hard` | train | `triplet` (`hard` negatives) | `glove-6b-50d` | 12.5 ± 0.5 | 10.2 ± 0.2 |"
             in report)
+    assert "into the shared cache, 3.5 s; a first load of each text side, so that no run pays a cold start: " \
+           "`glove-6b-50d` 1.5 s." in report
     check_numbers_come_from(results, report)
+
+
+def test_the_published_report_reads_back_and_renders_the_same():
+    """reports/fashion_mnist: results.json reads back field for field, and report.md is rendered from it."""
+    folder = PROJECT_ROOT / "reports" / "fashion_mnist"
+    written = json.loads((folder / "results.json").read_text())
+    results = ComparisonResults.from_json(written)
+    assert results.to_json() == written
+    assert render_report(results) == (folder / "report.md").read_text()
+    assert {run.distance for variant in results.variants for run in variant.runs} == {"l2", "cosine"}
+
+
+def test_results_that_do_not_fit_are_one_line_errors():
+    results = hand_made_results()
+    cases = [({**results, "format": "retrieval-compare/1"}, "retrieval-compare/1"),
+             ({**results, "bogus": 1}, "bogus"),
+             ({k: v for k, v in results.items() if k != "verdict"}, "verdict"),
+             ({**results, "num_seeds": "three"}, "num_seeds")]
+    bad_run = json.loads(json.dumps(results))
+    bad_run["variants"][0]["runs"][0]["wall_seconds"] = "slow"
+    cases.append((bad_run, "variants[0].runs[0]"))
+    for data, needle in cases:
+        with pytest.raises(DataError) as error:
+            ComparisonResults.from_json(data, "results.json")
+        assert needle in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(DataError, match="search_metric"):  # a run record of the first format is not read as today's
+        RunResult.from_json({**results["variants"][0]["runs"][0], "search_metric": "l2"})
 
 
 def test_compare_config_errors_are_one_line(tmp_path, sample_shards):
@@ -188,7 +231,13 @@ def test_compare_config_errors_are_one_line(tmp_path, sample_shards):
              ({"variants": [{"name": "a", "sets": []}]}, "sets"),
              ({"primary_metric": "text_to_image/R@7"}, "R@7"),
              ({"variants": [{"name": "a", "set": ["loss.nope=1"]}]}, "nope"),
-             ({"seeds": []}, "seeds")]
+             ({"variants": [{"set": ["loss.name=triplet"]}]}, "name"),
+             ({"variants": [{"name": "a", "kind": "finetune"}]}, "finetune"),
+             ({"variants": [{"name": "a", "top_t": "ten"}]}, "top_t"),
+             ({"variants": "a"}, "variants"),
+             ({"seeds": []}, "seeds"), ({"seeds": [0, 0]}, "seeds"), ({"seeds": [1.5]}, "seeds[0]"),
+             ({"curve_max_k": 0}, "curve_max_k"), ({"example_queries": "a dog"}, "example_queries"),
+             ({"data": ["shard_dir"]}, "data"), ({"train": {"epochs": "two"}}, "epochs")]
     for extra, needle in cases:
         with pytest.raises(ConfigError) as error:
             load_compare_config(write_config(tmp_path, sample_shards, **extra))

@@ -12,7 +12,8 @@ from pipelines.cli import main as cli
 from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
 from retrieval.embed import caption_pairs, encode_shards, eval_transform
-from retrieval.evaluation import chance_report, cross_modal_report, evaluate_embeddings, format_report
+from retrieval.evaluation import (CheckpointReport, RetrievalReport, chance_report, cross_modal_report,
+                                  evaluate_embeddings, format_report)
 from retrieval.rundir import RunDir
 
 METRICS = [f"{d}/{m}" for d in ("text_to_image", "image_to_text")
@@ -35,14 +36,16 @@ def test_evaluate_writes_every_metric_and_the_chance_level(trained_run, tmp_path
     out = tmp_path / "eval.json"
     assert cli(["evaluate", "--run", str(trained_run.run_dir), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert {"checkpoint", "epoch", "shard_dir", "split", "relevance", "metric", "ks", "num_images", "num_captions",
+    assert {"checkpoint", "epoch", "shard_dir", "split", "relevance", "distance", "ks", "num_images", "num_captions",
             "metrics", "chance"} <= set(report)
+    assert report["distance"] == "l2"  # the demo's triplet loss compares in L2
     assert report["relevance"] == "image" and report["split"] == "val" and report["epoch"] == 40
     assert report["num_images"] == 25 and "zero_shot" not in report  # caption-only data: no zero-shot block
     assert set(METRICS) <= set(report["metrics"])
     metrics, chance = recomputed(trained_run.run_dir)
     assert report["metrics"] == pytest.approx(metrics, abs=1e-6)
     assert report["chance"] == pytest.approx(chance)
+    assert CheckpointReport.from_json(report).to_json() == report  # the file reads back as it was written
     printed = capsys.readouterr().out
     assert "text_to_image" in printed and "chance" in printed and str(out) in printed
 
@@ -83,17 +86,20 @@ def test_zero_shot_queries_are_the_held_out_class_names():
     captions = [[names[label]] for label in labels]
     images = np.eye(3, dtype=np.float32)[labels] + 0.01 * np.arange(6, dtype=np.float32)[:, None]
     report = evaluate_embeddings(images, captions, meta, OneHotNames(names).encode_batch, (1, 2), "l2")
-    assert report["relevance"] == "class"
-    zero_shot = report["zero_shot"]
-    assert [q["name"] for q in zero_shot["queries"]] == ["sandal"] and zero_shot["num_images"] == 6
-    assert zero_shot["metrics"]["text_to_image/R@1"] == 1.0 and zero_shot["metrics"]["text_to_image/mAP"] == 1.0
-    assert zero_shot["chance"]["text_to_image/R@1"] == pytest.approx(2 / 6)
+    assert report.relevance == "class" and report.distance == "l2"
+    zero_shot = report.zero_shot
+    assert [q.name for q in zero_shot.queries] == ["sandal"] and zero_shot.num_images == 6
+    assert zero_shot.metrics["text_to_image/R@1"] == 1.0 and zero_shot.metrics["text_to_image/mAP"] == 1.0
+    assert zero_shot.chance["text_to_image/R@1"] == pytest.approx(2 / 6)
     assert "zero-shot" in format_report(report) and "sandal" in format_report(report)
+    assert RetrievalReport.from_json(report.to_json()) == report
 
 
 def test_zero_shot_names_without_known_words_are_reported_not_fatal():
     meta = [{"label": 0}, {"label": 1, "zero_shot": True}]
     report = evaluate_embeddings(np.eye(2, dtype=np.float32), [["shirt"], ["sandal"]], meta,
                                  OneHotNames(["shirt", "other"]).encode_batch, (1,), "l2")
-    assert report["zero_shot"]["metrics"] is None and report["zero_shot"]["queries"][0]["known"] is False
+    assert report.zero_shot.metrics is None and report.zero_shot.queries[0].known is False
     assert "not evaluated" in format_report(report)
+    assert report.to_json()["zero_shot"] == {"queries": [{"label": 1, "name": "sandal", "known": False}],
+                                             "num_images": 2, "metrics": None, "chance": None}

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from retrieval.batches import CachedFeatureBatches, StreamedImageBatches
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import load_config
 from retrieval.errors import DataError
 from retrieval.models import create_backbone
-from retrieval.train import fit, rsum, seed_everything
+from retrieval.runtime import seed_everything
+from retrieval.train import Trainer, fit, rsum
 
 from tests.conftest import demo_config
 
@@ -75,3 +77,36 @@ def test_end_to_end_fine_tuning_streams_from_shards_with_workers(sample_shards, 
     seed_everything(0)  # fit() seeds the same way before building the backbone: this is its initial state
     initial = create_backbone("resnet18", "random").module.conv1.weight
     assert not torch.allclose(trained, initial)
+
+
+def test_cached_feature_batches_pair_every_known_caption_with_its_image_once_per_epoch(sample_shards, tmp_path):
+    trainer = Trainer(demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.batch_size=7"), progress=False)
+    source, targets = trainer.source, trainer.targets
+    assert isinstance(source, CachedFeatureBatches) and torch.equal(targets.labels, torch.arange(26))
+    seen = []
+    for features, vectors, labels in source.batches(1, targets):
+        assert len(labels) <= 7
+        assert torch.equal(features, source.train_set.vectors[labels])  # caption-only data: label = image index
+        seen += [(int(label), tuple(vector.tolist())) for label, vector in zip(labels, vectors)]
+    assert sorted(seen) == sorted((int(o), tuple(v.tolist())) for o, v in zip(targets.owner, targets.vectors))
+    one = Trainer(demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.captions_per_image=one"),
+                  progress=False)
+    labels = torch.cat([labels for _, _, labels in one.source.batches(1, one.targets)])
+    assert sorted(labels.tolist()) == list(range(26))  # one caption of each image
+
+
+def test_streamed_image_batches_pair_each_image_with_one_of_its_captions(sample_shards, tmp_path):
+    config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", "model.backbone=resnet18",
+                         "model.weights=random", "model.freeze_backbone=false", "data.image_size=32")
+    trainer = Trainer(config, progress=False)
+    source, targets = trainer.source, trainer.targets
+    assert isinstance(source, StreamedImageBatches)
+    captions = source.train_set.captions
+    seen = []
+    for images, vectors, labels in source.batches(1, targets):
+        assert images.shape[1:] == (3, 32, 32) and source.embed(trainer.encoder, images).shape == vectors.shape
+        for vector, label in zip(vectors, labels):
+            mine, _, _ = trainer.caption_encoder.encode_batch(captions[label])
+            assert np.isclose(mine, vector.numpy()).all(axis=1).any()  # one of this image's own captions
+        seen += labels.tolist()
+    assert sorted(seen) == list(range(26))

@@ -11,6 +11,7 @@ from retrieval.data.pipeline import (
     make_loader,
     make_train_pipeline,
     raise_data_error,
+    read_shard_records,
 )
 from retrieval.data.shards import (
     ShardManifest,
@@ -53,6 +54,7 @@ __all__ = [
     "open_source",
     "raise_data_error",
     "read_manifest",
+    "read_shard_records",
     "records_from_coco",
     "records_from_csv",
     "records_from_img2dataset",

@@ -195,6 +195,12 @@ def iter_samples(shards: Sequence[str], handler: Handler = raise_data_error) -> 
     return iter(pipeline)
 
 
+def read_shard_records(shards: list[str]) -> list[dict]:
+    """Keys, captions and metadata of every sample, in order, without decoding images."""
+    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False).to_tuple("__key__", "json")
+    return [{"key": key, **json.loads(payload)} for key, payload in dataset]
+
+
 class TrainPipeline(wds.DataPipeline):
     """A ``DataPipeline`` whose random stages share one ``EpochSeed``; ``set_epoch`` reshuffles."""
 

@@ -1,0 +1,165 @@
+"""Where a run's training batches come from: cached backbone features, or images streamed from the shards.
+
+:func:`batch_source` chooses once per run. A frozen backbone with ``train.cache_features`` gives
+:class:`CachedFeatureBatches`: the pooled features of every image are computed once and only the
+projection trains (seconds on a CPU). Otherwise :class:`StreamedImageBatches` streams images from
+the shards through the webdataset pipeline with augmentation, end to end. Both yield
+``(inputs, caption vectors, labels)`` and know how the encoder consumes their inputs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retrieval.config import Config
+from retrieval.data import make_loader, make_train_pipeline, read_shard_records
+from retrieval.embed import (
+    EncodedCollection,
+    caption_pairs,
+    caption_vector_table,
+    encode_shards,
+    eval_transform,
+    split_features,
+    train_transform,
+)
+from retrieval.evaluation import image_labels
+from retrieval.models import Backbone, ImageEncoder
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (inputs, caption vectors, labels)
+
+
+@dataclass
+class CaptionTargets:
+    """The text side of training: every known training caption as a (vector, image) pair, and image labels."""
+
+    vectors: torch.Tensor  # (M, D) float32 caption vectors
+    owner: torch.Tensor  # (M,) the training image each caption describes
+    labels: torch.Tensor  # (N,) per training image: its class on class data, else its own index
+    encode_batch: Callable  # the caption encoder's, for batches that look captions up by text
+
+
+def caption_targets(train_set: EncodedCollection, encode_batch: Callable) -> tuple[CaptionTargets, Any]:
+    """The :class:`CaptionTargets` of a training collection, and the out-of-vocabulary stats of its captions."""
+    vectors, owner, stats = caption_pairs(train_set.captions, encode_batch)
+    targets = CaptionTargets(torch.from_numpy(np.ascontiguousarray(vectors)).float(), torch.from_numpy(owner).long(),
+                             torch.from_numpy(image_labels(train_set.meta)), encode_batch)
+    return targets, stats
+
+
+class BatchSource(ABC):
+    """One run's training data: the training images, their epochs of batches and the held-out embeddings."""
+
+    train_set: EncodedCollection  # keys, captions and metadata of the training images (and features, when cached)
+
+    @abstractmethod
+    def batches(self, epoch: int, targets: CaptionTargets) -> Iterable[Batch]:
+        """One epoch of ``(inputs, caption vectors, labels)``; ``epoch`` counts from 1."""
+
+    @abstractmethod
+    def embed(self, encoder: ImageEncoder, inputs: torch.Tensor) -> torch.Tensor:
+        """The encoder's outputs for a batch of this source's inputs."""
+
+    @abstractmethod
+    def held_out(self, encoder: ImageEncoder, to_search_space: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[torch.Tensor, EncodedCollection]:
+        """(search-space embeddings on the CPU, collection) of the held-out split, in shard order."""
+
+    def threads(self, device: str) -> int:
+        """Torch CPU threads for the run (default: torch's)."""
+        return torch.get_num_threads()
+
+
+class CachedFeatureBatches(BatchSource):
+    """Pooled features of a frozen backbone, computed once per split (or read from the feature cache)."""
+
+    def __init__(self, config: Config, backbone: Backbone, train_shards: list[str], val_shards: list[str],
+                 device: str, progress: bool = True) -> None:
+        self.config, self.device = config, device
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        features = backbone.module.to(device).eval()
+        self.train_set, self.val_set = (
+            split_features(shards, split, features, model_config=config.model, image_size=config.data.image_size,
+                           mean=backbone.mean, std=backbone.std, cache_dir=config.train.feature_cache_dir,
+                           device=device, progress=progress)
+            for split, shards in (("train", train_shards), ("val", val_shards)))
+
+    def batches(self, epoch: int, targets: CaptionTargets) -> Iterator[Batch]:
+        """(features, caption vectors, labels) over a shuffled epoch of image–caption pairs."""
+        if self.config.train.captions_per_image == "all":
+            pairs = torch.arange(len(targets.owner))
+        else:  # one random known caption per image
+            order = torch.randperm(len(targets.owner), generator=self.generator)
+            _, first = np.unique(targets.owner[order].numpy(), return_index=True)
+            pairs = order[torch.from_numpy(first)]
+        pairs = pairs[torch.randperm(len(pairs), generator=self.generator)]
+        batch_size = self.config.train.batch_size
+        for start in range(0, len(pairs), batch_size):
+            chosen = pairs[start:start + batch_size]
+            images = targets.owner[chosen]
+            yield self.train_set.vectors[images], targets.vectors[chosen], targets.labels[images]
+
+    def embed(self, encoder: ImageEncoder, inputs: torch.Tensor) -> torch.Tensor:
+        return encoder.embed_features(inputs)
+
+    def held_out(self, encoder: ImageEncoder, to_search_space: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[torch.Tensor, EncodedCollection]:
+        return to_search_space(self.embed(encoder, self.val_set.vectors.to(self.device))).cpu(), self.val_set
+
+    def threads(self, device: str) -> int:
+        # Projection-only epochs are tiny matrix products: one thread is faster than a thread team
+        # (measured ~10x on a busy 2-core machine); end-to-end fine-tuning keeps every thread.
+        return 1 if device == "cpu" else super().threads(device)
+
+
+class StreamedImageBatches(BatchSource):
+    """Augmented images streamed from the shards each epoch, for end-to-end fine-tuning."""
+
+    def __init__(self, config: Config, backbone: Backbone, train_shards: list[str], val_shards: list[str],
+                 device: str, progress: bool = True) -> None:
+        self.config, self.device, self.progress = config, device, progress
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.mean, self.std = backbone.mean, backbone.std
+        records = read_shard_records(train_shards)
+        self.train_set = EncodedCollection(torch.zeros(len(records), 0), [r["key"] for r in records],
+                                           [r["captions"] for r in records], [r.get("meta", {}) for r in records])
+
+    def batches(self, epoch: int, targets: CaptionTargets) -> Iterable[Batch]:
+        """(images, caption vectors, labels) streamed from the shards with augmentation."""
+        # streamed epochs are long enough to deserve their own bar (around the batches: a bar around
+        # the loader would start one of its epochs just to look for a length)
+        return tqdm(self._stream(epoch, targets), desc=f"epoch {epoch}", leave=False, disable=not self.progress)
+
+    def _stream(self, epoch: int, targets: CaptionTargets) -> Iterator[Batch]:
+        table = caption_vector_table(self.train_set.captions, targets.encode_batch)
+        index_of = {key: i for i, key in enumerate(self.train_set.keys)}
+        train = self.config.train
+        transform = train_transform(self.config.data.image_size, self.mean, self.std)
+        pipeline = make_train_pipeline(self.train_shards, transform=transform, caption_vector=table.get,
+                                       shuffle_buffer=train.shuffle_buffer, seed=train.seed + epoch - 1)
+        loader = make_loader(pipeline, train.batch_size, self.config.data.num_workers)
+        for images, vectors, keys in loader:
+            yield images, vectors, targets.labels[torch.tensor([index_of[k] for k in keys])]
+
+    def embed(self, encoder: ImageEncoder, inputs: torch.Tensor) -> torch.Tensor:
+        return encoder(inputs)
+
+    def held_out(self, encoder: ImageEncoder, to_search_space: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[torch.Tensor, EncodedCollection]:
+        transform = eval_transform(self.config.data.image_size, self.mean, self.std)
+        collection = encode_shards(self.val_shards, lambda images: to_search_space(self.embed(encoder, images)),
+                                   transform, device=self.device, desc="encoding val images", progress=self.progress)
+        return collection.vectors, collection
+
+
+def batch_source(config: Config, backbone: Backbone, train_shards: list[str], val_shards: list[str], device: str,
+                 progress: bool = True) -> BatchSource:
+    """Cached features for a frozen backbone with ``train.cache_features``, else streamed images."""
+    cached = config.model.freeze_backbone and config.train.cache_features
+    source = CachedFeatureBatches if cached else StreamedImageBatches
+    return source(config, backbone, train_shards, val_shards, device, progress)
