@@ -17,6 +17,7 @@ from retrieval.data import list_shards
 from retrieval.embed import caption_pairs
 from retrieval.errors import DataError
 from retrieval.evaluation import chance_report, relevance
+from retrieval.losses import describe_loss
 from retrieval.train import fit, read_shard_records
 
 from pipelines.common import PROJECT_ROOT, add_config_args, config_from_args, format_metrics_table
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = prepare(config)
     print(f"      {manifest.counts['train']} train / {manifest.counts['val']} held-out images")
     print(f"[2/4] training {config.model.backbone} + {config.model.projection} projection "
-          f"with the {config.loss.name} loss ({config.loss.negatives} negatives) for {config.train.epochs} epochs")
+          f"with the loss {describe_loss(config.loss)} for {config.train.epochs} epochs")
     result = fit(config)
     print("[3/4] indexing the held-out images")
     # The held-out split is this sample's only evaluation set, so the demo reports and searches with

@@ -31,7 +31,7 @@ def evaluate_run(run_dir: Path, *, checkpoint: str = "last.pt", shards: Path | N
     collection = model_embeddings(model, files, split, device=device)
     report = evaluate_embeddings(collection.vectors.numpy(), collection.captions, collection.meta,
                                  model.caption_encoder.encode_batch, ks or model.config.train.ks,
-                                 model.loss.search_metric)
+                                 model.loss.distance)
     return {"checkpoint": str(path), "epoch": model.epoch, "shard_dir": str(shard_dir), "split": split, **report}
 
 

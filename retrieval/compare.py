@@ -25,18 +25,18 @@ from tqdm.auto import tqdm
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import Config, apply_overrides, config_from_dict, config_to_dict
 from retrieval.data import list_shards
+from retrieval.distances import COSINE, Distance
 from retrieval.errors import ConfigError, RetrievalError
 from retrieval.evaluation import (HeldOutSplit, check_metric_name, full_report, image_classes, load_held_out,
                                   model_embeddings, summarize_runs)
 from retrieval.io import write_json
-from retrieval.losses import LOSSES
+from retrieval.losses import LOSSES, loss_settings
 from retrieval.targets import build_caption_encoder, load_vectors
 from retrieval.train import fit, read_shard_records, resolve_device
 
 RESULTS_FORMAT = "retrieval-compare/1"
 RUN_RECORD = "compare_run.json"  # a finished run's record, reused when its config is unchanged
 KINDS = ("train", "conse")
-CROSS_ENTROPY_LOSSES = ("sigmoid-ce", "softmax-ce")
 LOWER_IS_BETTER = ("MedR", "MeanR")
 SECTIONS = ("data", "text", "model", "loss", "train", "index")
 FIELDS = ("name", "base", "set", "seeds", "variants", "out", "checkpoint", "primary_metric", "curve_max_k",
@@ -221,11 +221,12 @@ def warm_up_text(spec: CompareSpec) -> dict[str, float]:
     return seconds
 
 
-def evaluate_record(spec: CompareSpec, embeddings: np.ndarray, data: _Data, caption_encoder, metric: str) -> dict:
+def evaluate_record(spec: CompareSpec, embeddings: np.ndarray, data: _Data, caption_encoder,
+                    distance: Distance) -> dict:
     """Metrics, chance, zero-shot, R@K curve and example queries of one set of val embeddings."""
     held_out = data.held_out
     return full_report(embeddings, held_out.keys, held_out.captions, held_out.meta, caption_encoder,
-                       ks=tuple(spec.base["train"]["ks"]), metric=metric, max_k=spec.curve_max_k,
+                       ks=tuple(spec.base["train"]["ks"]), distance=distance, max_k=spec.curve_max_k,
                        queries=spec.example_queries, top_k=spec.example_top_k)
 
 
@@ -248,8 +249,8 @@ def train_run(spec: CompareSpec, variant: VariantSpec, seed: int, data: _Data, r
     history = [{"epoch": 0, "metrics": result.initial_metrics}] + [dataclasses.asdict(s) for s in result.history]
     run = {"seed": seed, "run_dir": os.path.relpath(result.run_dir, spec.out), "wall_seconds": wall,
            "train_seconds": float(sum(s.seconds for s in result.history)), "history": history,
-           "search_metric": model.loss.search_metric,
-           **evaluate_record(spec, embeddings, data, model.caption_encoder, model.loss.search_metric)}
+           "search_metric": model.loss.distance.name,
+           **evaluate_record(spec, embeddings, data, model.caption_encoder, model.loss.distance)}
     write_json(saved, {"identity": identity, "run": run})
     return run
 
@@ -268,20 +269,19 @@ def conse_run(spec: CompareSpec, variant: VariantSpec, data: _Data) -> dict:
     started = time.perf_counter()
     embeddings = conse_embeddings(data.held_out.features, data.held_out.classifier, encoder, top_t=variant.top_t)
     wall = time.perf_counter() - started
-    return {"seed": None, "run_dir": None, "search_metric": "cosine", "wall_seconds": wall, "train_seconds": 0.0,
-            "history": [], **evaluate_record(spec, np.asarray(embeddings, np.float32), data, encoder, "cosine")}
+    return {"seed": None, "run_dir": None, "search_metric": COSINE.name, "wall_seconds": wall, "train_seconds": 0.0,
+            "history": [], **evaluate_record(spec, np.asarray(embeddings, np.float32), data, encoder, COSINE)}
 
 
 def run_variant(spec: CompareSpec, variant: VariantSpec, data: _Data, bar: tqdm, reuse: bool = True) -> dict:
     """Every seed of one variant (ConSE: one deterministic run); skipped variants carry a note."""
     seeds = spec.seeds if variant.kind == "train" else (None,)
     config = spec.config_for(variant, seeds[0])
-    plain, loss = config_to_dict(config), config.loss.name  # family: how the verdict groups variants
-    family = "reference" if variant.kind == "conse" else "triplet" if loss.startswith("triplet") else (
-        "cross-entropy" if loss in CROSS_ENTROPY_LOSSES else "other")
+    loss = config.loss.name  # family: how the verdict groups variants (the loss declares it)
+    family = "reference" if variant.kind == "conse" else str(LOSSES.get(loss).family)
+    recipe = {"loss": {"name": loss, **loss_settings(config.loss)}, "model": config_to_dict(config)["model"]}
     record = {"name": variant.name, "kind": variant.kind, "set": list(variant.set), "optional": variant.optional,
-              "family": family, "loss": loss, "negatives": config.loss.negatives,
-              "text_vectors": config.text.vectors, "recipe": {"loss": plain["loss"], "model": plain["model"]},
+              "family": family, "loss": loss, "text_vectors": config.text.vectors, "recipe": recipe,
               "status": "ok", "note": None, "runs": []}
     try:
         for seed in seeds:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from retrieval.data import list_shards
+from retrieval.distances import L2, Distance
 from retrieval.embed import EncodedCollection, caption_pairs, encode_shards, eval_transform, split_features
 from retrieval.errors import ConfigError, DataError, QueryError
 from retrieval.metrics import chance_recall, retrieval_metrics
@@ -27,7 +28,7 @@ DIRECTIONS = ("text_to_image", "image_to_text")
 
 
 def cross_modal_report(image_emb: np.ndarray, caption_emb: np.ndarray, caption_labels: np.ndarray,
-                       image_labels: np.ndarray, ks=(1, 5, 10), metric: str = "l2") -> dict[str, float]:
+                       image_labels: np.ndarray, ks=(1, 5, 10), distance: Distance = L2) -> dict[str, float]:
     """Flat dict ``{"text_to_image/R@1": …, "image_to_text/mAP": …}``.
 
     Relevance: caption ``c`` and image ``i`` match iff ``caption_labels[c] == image_labels[i]``
@@ -36,9 +37,10 @@ def cross_modal_report(image_emb: np.ndarray, caption_emb: np.ndarray, caption_l
     """
     asked = np.isin(image_labels, caption_labels)
     directions = {
-        "text_to_image": retrieval_metrics(caption_emb, image_emb, caption_labels, image_labels, ks=ks, metric=metric),
+        "text_to_image": retrieval_metrics(caption_emb, image_emb, caption_labels, image_labels, ks=ks,
+                                           distance=distance),
         "image_to_text": retrieval_metrics(image_emb[asked], caption_emb, image_labels[asked], caption_labels,
-                                           ks=ks, metric=metric),
+                                           ks=ks, distance=distance),
     }
     return {f"{direction}/{name}": float(value) for direction, result in directions.items()
             for name, value in result.as_dict().items()}
@@ -98,26 +100,26 @@ def zero_shot_classes(meta: Sequence[dict]) -> list[int]:
 
 # -- reports --------------------------------------------------------------------------------------
 def evaluate_embeddings(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                        encode_batch: Callable, ks: Sequence[int] = (1, 5, 10), metric: str = "l2") -> dict:
+                        encode_batch: Callable, ks: Sequence[int] = (1, 5, 10), distance: Distance = L2) -> dict:
     """All metrics in both directions, the chance level and (when present) zero-shot retrieval."""
     caption_emb, owner, _ = caption_pairs(captions, encode_batch)
     if len(caption_emb) == 0:
         raise DataError("no held-out caption has a known word; nothing to evaluate")
     caption_labels, image_labels, kind = relevance(meta, owner)
     report = {
-        "relevance": kind, "metric": metric, "ks": list(ks),
+        "relevance": kind, "metric": distance.name, "ks": list(ks),
         "num_images": int(len(image_emb)), "num_captions": int(len(caption_emb)),
-        "metrics": cross_modal_report(image_emb, caption_emb, caption_labels, image_labels, ks, metric),
+        "metrics": cross_modal_report(image_emb, caption_emb, caption_labels, image_labels, ks, distance),
         "chance": chance_report(caption_labels, image_labels, ks),
     }
-    zero_shot = zero_shot_report(image_emb, captions, meta, encode_batch, ks, metric)
+    zero_shot = zero_shot_report(image_emb, captions, meta, encode_batch, ks, distance)
     if zero_shot is not None:
         report["zero_shot"] = zero_shot
     return report
 
 
 def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                     encode_batch: Callable, ks: Sequence[int] = (1, 5, 10), metric: str = "l2") -> dict | None:
+                     encode_batch: Callable, ks: Sequence[int] = (1, 5, 10), distance: Distance = L2) -> dict | None:
     """Text→image with the zero-shot class names as queries against every image; None without any."""
     held_out = zero_shot_classes(meta)
     if not held_out:
@@ -131,7 +133,7 @@ def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], m
     if not known.any():  # e.g. word vectors trained on the training captions never saw these names
         return report
     labels, image_labels = np.asarray(held_out)[known], image_classes(meta)
-    result = retrieval_metrics(vectors[known], image_emb, labels, image_labels, ks=ks, metric=metric)
+    result = retrieval_metrics(vectors[known], image_emb, labels, image_labels, ks=ks, distance=distance)
     chance = chance_report(labels, image_labels, ks)
     report["metrics"] = {f"text_to_image/{name}": float(value) for name, value in result.as_dict().items()}
     report["chance"] = {key: value for key, value in chance.items() if key.startswith("text_to_image/")}
@@ -139,48 +141,42 @@ def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], m
 
 
 def recall_curve(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                 encode_batch: Callable, max_k: int, metric: str = "l2") -> dict[str, list[float]]:
+                 encode_batch: Callable, max_k: int, distance: Distance = L2) -> dict[str, list[float]]:
     """R@K for K = 1..min(max_k, images) in both directions: ``{"text_to_image": [R@1, R@2, …], …}``."""
     caption_emb, owner, _ = caption_pairs(captions, encode_batch)
     caption_labels, image_labels, _ = relevance(meta, owner)
     ks = range(1, max(1, min(int(max_k), len(image_emb))) + 1)
-    report = cross_modal_report(image_emb, caption_emb, caption_labels, image_labels, tuple(ks), metric)
+    report = cross_modal_report(image_emb, caption_emb, caption_labels, image_labels, tuple(ks), distance)
     return {direction: [report[f"{direction}/R@{k}"] for k in ks] for direction in DIRECTIONS}
 
 
-def top_images(image_emb: np.ndarray, queries: Sequence[str], encode_query: Callable, metric: str, k: int,
+def top_images(image_emb: np.ndarray, queries: Sequence[str], encode_query: Callable, distance: Distance, k: int,
                keys: Sequence[str]) -> dict[str, list[str]]:
     """The keys of the ``k`` best images per text query (a query with no known word gets an empty list)."""
-    found = {}
+    found, items = {}, distance.to_search_space(image_emb)
     for query in queries:
         try:
-            vector = encode_query(query)
+            vector = distance.to_search_space(encode_query(query))
         except QueryError:
             found[query] = []
             continue
-        if metric == "l2":
-            scores = -np.square(image_emb - vector[None, :]).sum(axis=1)
-        elif metric == "cosine":
-            scores = _unit(image_emb) @ _unit(vector[None, :])[0]
+        if distance.faiss_metric == "l2":
+            scores = -np.square(items - vector[None, :]).sum(axis=1)
         else:
-            scores = image_emb @ vector
+            scores = items @ vector
         found[query] = [keys[i] for i in np.argsort(-scores, kind="stable")[:k]]
     return found
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 def full_report(image_emb: np.ndarray, keys: Sequence[str], captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                caption_encoder, *, ks: Sequence[int], metric: str, max_k: int, queries: Sequence[str],
+                caption_encoder, *, ks: Sequence[int], distance: Distance, max_k: int, queries: Sequence[str],
                 top_k: int) -> dict:
     """:func:`evaluate_embeddings` plus the R@K curve and the top images of example queries."""
-    report = evaluate_embeddings(image_emb, captions, meta, caption_encoder.encode_batch, ks, metric)
-    examples = top_images(image_emb, queries, caption_encoder.encode_query, metric, top_k, keys)
+    report = evaluate_embeddings(image_emb, captions, meta, caption_encoder.encode_batch, ks, distance)
+    examples = top_images(image_emb, queries, caption_encoder.encode_query, distance, top_k, keys)
     return {"metrics": report["metrics"], "chance": report["chance"], "zero_shot": report.get("zero_shot"),
             "relevance": report["relevance"], "num_captions": report["num_captions"],
-            "recall_curve": recall_curve(image_emb, captions, meta, caption_encoder.encode_batch, max_k, metric),
+            "recall_curve": recall_curve(image_emb, captions, meta, caption_encoder.encode_batch, max_k, distance),
             "examples": examples, "example_matches": example_matches(examples, keys, captions, meta)}
 
 

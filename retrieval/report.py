@@ -126,8 +126,9 @@ def _cost_table(results: dict) -> list[str]:
     for variant in _ok(results):
         summary = variant["summary"]
         loss = "ConSE (no training)" if variant["kind"] == "conse" else f"`{variant['loss']}`"
-        if variant["kind"] == "train" and variant["loss"].startswith("triplet"):
-            loss += f" (`{variant['negatives']}` negatives)"
+        negatives = variant.get("recipe", {}).get("loss", {}).get("negatives")  # a setting of the triplet loss
+        if variant["kind"] == "train" and variant["family"] == "triplet" and negatives:
+            loss += f" (`{negatives}` negatives)"
         lines.append(f"| `{variant['name']}` | {variant['kind']} | {loss} | `{variant['text_vectors']}` | "
                      f"{_seconds(summary['wall_seconds'])} | {_seconds(summary['train_seconds'])} |")
     return lines

@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from retrieval.checkpoint import loss_kwargs, save_checkpoint
+from retrieval.checkpoint import save_checkpoint
 from retrieval.config import Config, save_config
 from retrieval.data import list_shards, make_loader, make_train_pipeline
 from retrieval.embed import (EncodedCollection, caption_pairs, encode_shards, eval_transform, split_features,
@@ -29,9 +29,8 @@ from retrieval.embed import (EncodedCollection, caption_pairs, encode_shards, ev
 from retrieval.errors import DataError
 from retrieval.evaluation import cross_modal_report, image_classes, relevance
 from retrieval.io import atomic_path
-from retrieval.losses import LOSSES, create_loss
+from retrieval.losses import LOSSES, build_loss
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
-from retrieval.negatives import NEGATIVE_SAMPLERS
 from retrieval.targets import build_caption_encoder, load_vectors, vectors_fingerprint
 
 
@@ -84,9 +83,8 @@ def read_shard_records(shards: list[str]) -> list[dict]:
 
 
 def check_names(config: Config) -> None:
-    """Fail fast, before any data is read, on a loss, negative sampler or backbone name that does not exist."""
-    LOSSES.get(config.loss.name)
-    NEGATIVE_SAMPLERS.get(config.loss.negatives)
+    """Fail fast, before any data is read, on a loss or backbone name that does not exist."""
+    LOSSES.get(config.loss.name)  # its settings were checked when the config was loaded
     BACKBONES.get(config.model.backbone)
 
 
@@ -163,12 +161,12 @@ class Trainer:
         model = self.config.model
         self.encoder = ImageEncoder(self.backbone, self.caption_encoder.dim, model.projection, model.hidden_dim,
                                     model.dropout, model.freeze_backbone, model.normalize_output).to(self.device)
-        self.loss = create_loss(self.config.loss.name, **loss_kwargs(self.config, self.num_classes)).to(self.device)
+        self.loss = build_loss(self.config.loss, seed=self.config.train.seed, num_classes=self.num_classes,
+                               embedding_dim=self.caption_encoder.dim).to(self.device)
         self.loss.prepare(self.train_vectors.to(self.device))
         parameters = [p for p in list(self.encoder.parameters()) + list(self.loss.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(parameters, lr=self.config.train.lr,
                                            weight_decay=self.config.train.weight_decay)
-        self.metric = self.loss.search_metric
 
     # -- batches -----------------------------------------------------------------------------
     def _labels_for(self, image_index: torch.Tensor) -> torch.Tensor:
@@ -208,8 +206,7 @@ class Trainer:
     # -- one epoch, evaluation, checkpoints --------------------------------------------------
     def train_epoch(self, epoch: int) -> EpochStats:
         self.encoder.train()
-        if hasattr(self.loss, "refresh_bank") and epoch > 1:  # offline negatives: a new bank each epoch
-            self.loss.refresh_bank()
+        self.loss.on_epoch_start(epoch)
         start, totals, count = time.perf_counter(), np.zeros(4), 0
         batches = self._cached_batches() if self.cached else self._streamed_batches()
         if not self.cached:  # streamed epochs are long enough to deserve their own bar
@@ -240,7 +237,8 @@ class Trainer:
                                        device=self.device, desc="encoding val images", progress=self.progress)
             embeddings = collection.vectors
         captions, owner, image_labels = self._held_out_captions(collection)
-        return cross_modal_report(embeddings.numpy(), captions, owner, image_labels, self.config.train.ks, self.metric)
+        return cross_modal_report(embeddings.numpy(), captions, owner, image_labels, self.config.train.ks,
+                                  self.loss.distance)
 
     def _held_out_captions(self, collection: EncodedCollection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Val caption vectors with their relevance labels, encoded once per run (they are frozen)."""

@@ -20,8 +20,9 @@ from tests.conftest import PROJECT_ROOT
 
 VARIANTS = [
     {"name": "triplet-hard", "set": ["loss.name=triplet", "loss.negatives=hard"]},
-    {"name": "sigmoid-ce", "set": ["loss.name=sigmoid-ce", "model.normalize_output=false"]},
-    {"name": "softmax-ce", "set": ["loss.name=softmax-ce"]},  # no class labels here: skipped with a note
+    # loss={...} replaces the base's triplet section (margin, negatives) with one of its own
+    {"name": "sigmoid-ce", "set": ["loss={name: sigmoid-ce}", "model.normalize_output=false"]},
+    {"name": "softmax-ce", "set": ["loss={name: softmax-ce}"]},  # no class labels here: skipped with a note
     {"name": "conse", "kind": "conse"},  # no training
 ]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,6 +64,11 @@ def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
             stored = torch.load(out / run["run_dir"] / "checkpoints" / "last.pt", weights_only=False)["metrics"]
             assert {k: run["metrics"][k] for k in stored} == pytest.approx(stored, abs=1e-6)
         assert len(variant["summary"]["recall_curve"]["text_to_image"]) == 10
+    families = {v["name"]: v["family"] for v in results["variants"]}  # what each loss declares
+    assert families == {"triplet-hard": "triplet", "sigmoid-ce": "cross-entropy", "softmax-ce": "cross-entropy",
+                        "conse": "reference"}
+    recipe = next(v["recipe"]["loss"] for v in results["variants"] if v["name"] == "triplet-hard")
+    assert recipe == {"name": "triplet", "margin": 0.4, "squared": False, "negatives": "hard"}  # every setting
     assert results["command"].startswith("retrieval compare --config")
     assert results["base_config"]["train"]["epochs"] == 2 and results["num_seeds"] == 2
 
@@ -139,8 +145,9 @@ def hand_made_results() -> dict:
     def variant(name, loss, mean, std, vectors="glove-6b-50d", family="triplet", zero=None):
         stats = {f"{d}/{m}": {"mean": mean, "std": std} for d in ("text_to_image", "image_to_text")
                  for m in ("R@1", "R@5", "R@10", "P@1", "P@5", "P@10", "mAP", "MedR")}
-        return {"name": name, "kind": "train", "status": "ok", "loss": loss, "negatives": "hard", "family": family,
-                "text_vectors": vectors, "note": None, "runs": [{"examples": {}}],
+        return {"name": name, "kind": "train", "status": "ok", "loss": loss, "family": family,
+                "recipe": {"loss": {"name": loss, "negatives": "hard"}}, "text_vectors": vectors, "note": None,
+                "runs": [{"examples": {}}],
                 "summary": {"num_runs": 3, "metrics": stats, "zero_shot": zero,
                             "wall_seconds": {"mean": 12.5, "std": 0.5}, "train_seconds": {"mean": 10.25, "std": 0.25},
                             "recall_curve": {"text_to_image": [0.1, 0.3], "image_to_text": [0.2, 0.4]}}}
@@ -187,6 +194,7 @@ def test_compare_config_errors_are_one_line(tmp_path, sample_shards):
              ({"variants": [{"name": "a", "sets": []}]}, "sets"),
              ({"primary_metric": "text_to_image/R@7"}, "R@7"),
              ({"variants": [{"name": "a", "set": ["loss.nope=1"]}]}, "nope"),
+             ({"variants": [{"name": "a", "set": ["loss.name=sigmoid-ce"]}]}, "'loss={name: sigmoid-ce, ...}'"),
              ({"seeds": []}, "seeds")]
     for extra, needle in cases:
         with pytest.raises(ConfigError) as error:

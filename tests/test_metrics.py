@@ -81,10 +81,10 @@ def test_matches_brute_force_with_small_chunks(metric, q, n, d, per_label):
     query_labels = rng.choice(item_labels, size=q)
     expected = brute_force(queries, items, query_labels, item_labels, KS, metric)
     result = retrieval_metrics(
-        queries, items, query_labels, item_labels, ks=KS, metric=metric, query_chunk=7, item_chunk=13
+        queries, items, query_labels, item_labels, ks=KS, distance=metric, query_chunk=7, item_chunk=13
     )
     assert_same(result, expected)
-    default_chunks = retrieval_metrics(queries, items, query_labels, item_labels, ks=KS, metric=metric)
+    default_chunks = retrieval_metrics(queries, items, query_labels, item_labels, ks=KS, distance=metric)
     assert default_chunks == result
 
 
@@ -100,7 +100,7 @@ def test_ties_follow_the_pessimistic_rule(metric, classes):
     expected = brute_force(queries, items, query_labels, item_labels, KS, metric)
     for chunks in [(7, 13), (60, 150), (1, 1)]:
         result = retrieval_metrics(
-            queries, items, query_labels, item_labels, ks=KS, metric=metric,
+            queries, items, query_labels, item_labels, ks=KS, distance=metric,
             query_chunk=chunks[0], item_chunk=chunks[1],
         )
         assert_same(result, expected)
@@ -110,7 +110,7 @@ def test_zero_scores_tie_in_the_searchsorted_path():
     """Ten relevant items (more than the broadcast path takes) tie at score 0 with ten others."""
     items = np.array([[-0.0], [0.0]] * 10, dtype=np.float32)
     item_labels = np.arange(20) % 2 == np.arange(20) // 10  # mixes signs among the relevant items
-    result = retrieval_metrics(np.ones((1, 1)), items, [1], item_labels.astype(int), ks=(10,), metric="ip")
+    result = retrieval_metrics(np.ones((1, 1)), items, [1], item_labels.astype(int), ks=(10,), distance="ip")
     # relevant ranks are 11..20: AP = mean(m / (10 + m)), first rank 11, nothing in the top 10
     assert result.mean_average_precision == pytest.approx(np.mean([m / (10 + m) for m in range(1, 11)]))
     assert (result.median_rank, result.recall[10]) == (11.0, 0.0)
@@ -135,12 +135,12 @@ def test_cosine_matches_brute_force_and_ignores_norms():
     item_labels, query_labels = np.arange(200) % 20, rng.integers(0, 20, size=70)
     expected = brute_force(queries, items, query_labels, item_labels, KS, "cosine")
     result = retrieval_metrics(
-        queries, items, query_labels, item_labels, ks=KS, metric="cosine", query_chunk=7, item_chunk=13
+        queries, items, query_labels, item_labels, ks=KS, distance="cosine", query_chunk=7, item_chunk=13
     )
     assert_same(result, expected, exact=False)
     scaled = retrieval_metrics(
         queries * rng.uniform(0.5, 3, size=(70, 1)), items * rng.uniform(0.5, 3, size=(200, 1)),
-        query_labels, item_labels, ks=KS, metric="cosine",
+        query_labels, item_labels, ks=KS, distance="cosine",
     )
     assert_same(scaled, expected, exact=False)
 
@@ -153,7 +153,7 @@ def test_hand_case_inner_product():
     # means: R@1 1/3, R@2 2/3, P@2 1/3, mAP (5/6 + 9/20 + 1/4)/3 = 23/45, MedR 2, MeanR 7/3
     items = np.array([[5.0], [4.0], [3.0], [2.0], [1.0]])
     labels = np.array([0, 1, 0, 2, 1])
-    result = retrieval_metrics(np.ones((3, 1)), items, [0, 1, 2], labels, ks=(1, 2), metric="ip")
+    result = retrieval_metrics(np.ones((3, 1)), items, [0, 1, 2], labels, ks=(1, 2), distance="ip")
     assert result.recall == pytest.approx({1: 1 / 3, 2: 2 / 3})
     assert result.precision[2] == pytest.approx(1 / 3)
     assert result.mean_average_precision == pytest.approx(23 / 45)
@@ -206,14 +206,14 @@ def test_errors_are_one_line_and_named():
     x = np.zeros((4, 2), np.float32)
     with pytest.raises(DataError, match="2 of 4 queries have no relevant item"):
         retrieval_metrics(x, x, [0, 1, 7, 9], [0, 1, 2, 3])
-    with pytest.raises(ConfigError, match="metric"):
-        retrieval_metrics(x, x, [0, 1, 2, 3], [0, 1, 2, 3], metric="dot")
+    with pytest.raises(ConfigError, match="unknown distance 'dot'"):
+        retrieval_metrics(x, x, [0, 1, 2, 3], [0, 1, 2, 3], distance="dot")
     with pytest.raises(ConfigError, match="ks"):
         retrieval_metrics(x, x, [0, 1, 2, 3], [0, 1, 2, 3], ks=(0, 5))
     with pytest.raises(DataError, match="dimension"):
         retrieval_metrics(x, np.zeros((4, 3)), [0, 1, 2, 3], [0, 1, 2, 3])
     with pytest.raises(DataError, match="zero vectors"):
-        retrieval_metrics(x, x, [0, 1, 2, 3], [0, 1, 2, 3], metric="cosine")
+        retrieval_metrics(x, x, [0, 1, 2, 3], [0, 1, 2, 3], distance="cosine")
     with pytest.raises(DataError, match="1 of 3 images have no caption"):
         cross_modal_metrics(np.ones((3, 2)), np.ones((4, 2)), [0, 0, 1, 1])
 
