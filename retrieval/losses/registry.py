@@ -10,7 +10,7 @@ import inspect
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from retrieval.errors import ConfigError
-from retrieval.losses.settings import INJECTED, check_settings, with_defaults
+from retrieval.losses.settings import INJECTED, checked_settings, with_defaults
 from retrieval.registry import Registry
 
 if TYPE_CHECKING:
@@ -22,12 +22,12 @@ LOSSES: Registry = Registry("loss")
 
 def check_loss_settings(name: str, values: Mapping[str, Any], *, where: str = "loss",
                         coerce: Callable[[Any, Any, str], Any] | None = None) -> dict[str, Any]:
-    """The settings ``values`` of the loss registered as ``name``, checked (see :func:`check_settings`)."""
+    """The settings ``values`` of the loss registered as ``name``, checked (see ``settings.checked_settings``)."""
     try:
         loss_class = LOSSES.get(name)
     except ConfigError as error:
         raise ConfigError(f"{where}.name: {error}") from None
-    return check_settings(loss_class, name, values, where=where, coerce=coerce)
+    return checked_settings(loss_class, name, values, where=where, coerce=coerce)
 
 
 def create_loss(name: str, **kwargs: Any) -> CrossModalLoss:

@@ -5,8 +5,8 @@ Every parameter of a registered loss's ``__init__`` is a setting a config may gi
 passes (the run's seed, the number of classes, the embedding size). A setting's annotation is its
 type; ``Annotated[float, AtLeast(0.0)]`` (spelled :data:`NonNegativeFloat` etc.) adds its value
 range and ``Annotated[str, CheckedBy(NEGATIVE_SAMPLERS.get)]`` a check of its own; rules that join
-settings live in the loss's ``check_settings``. So a loss declares its
-settings once, in its signature, and a config that names another setting is refused in one line.
+settings live in the loss's ``check_settings``. So a loss declares its settings once, in its
+signature, and a config that names another setting is refused in one line.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def settings_of(loss_class: type) -> dict[str, Setting]:
     return found
 
 
-def check_settings(loss_class: type, name: str, values: Mapping[str, Any], *, where: str = "loss",
-                   coerce: Callable[[Any, Any, str], Any] | None = None) -> dict[str, Any]:
+def checked_settings(loss_class: type, name: str, values: Mapping[str, Any], *, where: str = "loss",
+                     coerce: Callable[[Any, Any, str], Any] | None = None) -> dict[str, Any]:
     """``values`` as settings of ``loss_class`` (registered as ``name``): known, typed, in range.
 
     ``coerce(value, annotation, where)`` converts a value read from YAML to its annotated type (the
