@@ -7,6 +7,7 @@ from typing import Sequence
 
 import streamlit as st
 
+from retrieval.losses import describe_loss
 from retrieval.search import ImageHit, Searcher, TextHit
 
 GRID_COLUMNS = 5
@@ -40,10 +41,6 @@ def word_list(hits: Sequence[TextHit]) -> None:
 def model_card(searcher: Searcher, checkpoint: str) -> str:
     """Markdown lines describing the model, word vectors, loss and index in use."""
     config = searcher.model.config
-    loss = config.loss
-    loss_text = loss.name
-    if loss.name == "triplet":
-        loss_text += f" (margin {loss.margin}, {loss.negatives} negatives{', squared' if loss.squared else ''})"
     images = searcher.images
     params = ", ".join(f"{name} {value}" for name, value in images.search_params.items())
     lines = [
@@ -51,7 +48,7 @@ def model_card(searcher: Searcher, checkpoint: str) -> str:
         f"{' (frozen)' if config.model.freeze_backbone else ''}",
         f"- **word vectors**: {config.text.vectors}, {searcher.model.caption_encoder.dim}-d, "
         f"{config.text.weighting} of words",
-        f"- **loss**: {loss_text}",
+        f"- **loss**: {describe_loss(config.loss)}",
         f"- **checkpoint**: {checkpoint}, epoch {searcher.model.epoch}",
         f"- **index**: {images.kind}{f' ({params})' if params else ''}, {images.metric}, "
         f"{len(images):,} images, {len(searcher.captions):,} captions, {len(searcher.words):,} words",

@@ -25,12 +25,12 @@ from typing import Any, Callable, Sequence
 import faiss
 import numpy as np
 
-from retrieval.checkpoint import LoadedModel, loss_kwargs
+from retrieval.checkpoint import LoadedModel
 from retrieval.config import load_config
 from retrieval.index import VectorIndex
 from retrieval.indexing import caption_vocabulary
 from retrieval.io import write_json
-from retrieval.losses import create_loss
+from retrieval.losses import build_loss
 from retrieval.models import create_encoder
 from retrieval.rundir import IndexDir
 from retrieval.search import Searcher
@@ -67,7 +67,7 @@ def bench_model(caption_encoder: CaptionEncoder) -> LoadedModel:
     """The demo model's text side and loss; the image encoder (random weights) is never used here."""
     config = load_config(ROOT / "configs" / "demo.yaml")
     encoder = create_encoder(dataclasses.replace(config.model, weights="random"), caption_encoder.dim)
-    loss = create_loss(config.loss.name, **loss_kwargs(config))
+    loss = build_loss(config.loss, seed=config.train.seed, embedding_dim=caption_encoder.dim)
     return LoadedModel(config, encoder.eval(), loss, caption_encoder, "bench", "bench", 0, {})
 
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         ours.append(time.perf_counter() - start)
         start = time.perf_counter()
         bare_epoch(trainer.source.train_set.vectors, targets.vectors, targets.owner, projection, optimizer,
-                   config.loss.margin, config.train.batch_size, generator)
+                   trainer.loss.margin, config.train.batch_size, generator)
         bare.append(time.perf_counter() - start)
     ours_ms, bare_ms = statistics.median(ours[2:]) * 1e3, statistics.median(bare[2:]) * 1e3
     result = {"pairs_per_epoch": len(targets.owner), "batch_size": config.train.batch_size,

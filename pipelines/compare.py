@@ -1,9 +1,10 @@
 """``retrieval compare --config configs/compare_demo.yaml``: train every variant × seed, then write a report.
 
 The compare config names a base run config, the variants (``set`` overrides such as
-``loss.name=sigmoid-ce``, or ``kind: conse``), the seeds and the output folder. Shards are prepared
-first when the base config's shard folder has none. Writes ``<out>/results.json``, ``<out>/report.md``
-and PNG plots; finished runs whose config is unchanged are reused unless ``--fresh`` is given.
+``loss.negatives=soft`` or ``loss={name: sigmoid-ce}``, or ``kind: conse``), the seeds and the output
+folder. Shards are prepared first when the base config's shard folder has none. Writes
+``<out>/results.json``, ``<out>/report.md`` and PNG plots; finished runs whose config is unchanged
+are reused unless ``--fresh`` is given.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from retrieval.data.prepare import locate_data, prepare
 from retrieval.embed import caption_pairs
 from retrieval.evaluation import chance_report, relevance
 from retrieval.indexing import index_run
+from retrieval.losses import describe_loss
 from retrieval.runtime import resolve_device
 from retrieval.search import open_searcher
 from retrieval.train import fit
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = prepare(config)
     print(f"      {manifest.counts['train']} train / {manifest.counts['val']} held-out images")
     print(f"[2/4] training {config.model.backbone} + {config.model.projection} projection "
-          f"with the {config.loss.name} loss ({config.loss.negatives} negatives) for {config.train.epochs} epochs")
+          f"with the loss {describe_loss(config.loss)} for {config.train.epochs} epochs")
     result = fit(config)
     print("[3/4] indexing the held-out images")
     # The held-out split is this sample's only evaluation set, so the demo reports and searches with

@@ -12,23 +12,12 @@ import torch
 from retrieval.config import Config, config_from_dict, config_to_dict
 from retrieval.errors import DataError
 from retrieval.io import atomic_path
-from retrieval.losses import LOSSES, CrossModalLoss, create_loss
+from retrieval.losses import CrossModalLoss, build_loss
 from retrieval.models import ImageEncoder, create_encoder
 from retrieval.rundir import RunDir
 from retrieval.targets import load_vectors, restore_caption_encoder
 from retrieval.text import CaptionEncoder
 from retrieval.text.sentence import SentenceEncoder
-
-
-def loss_kwargs(config: Config, num_classes: int | None = None) -> dict:
-    """Keyword arguments for ``create_loss`` from the loss section."""
-    kwargs = dict(config.loss.params)
-    if config.loss.name == "triplet":
-        kwargs.update(margin=config.loss.margin, squared=config.loss.squared, negatives=config.loss.negatives,
-                      seed=config.train.seed)
-    if num_classes is not None and LOSSES.get(config.loss.name).needs_classes:
-        kwargs.setdefault("num_classes", num_classes)
-    return kwargs
 
 
 def save_checkpoint(path: str | Path, *, config: Config, encoder: ImageEncoder, loss: CrossModalLoss,
@@ -84,6 +73,22 @@ class LoadedModel:
         return self.loss.embed(self.encoder.embed_features(features))
 
 
+def upgrade_saved_config(values: dict) -> dict:
+    """A saved config in today's format (checkpoints written before loss settings sat beside the name).
+
+    The old ``loss`` section had ``margin``, ``squared`` and ``negatives``, which only the triplet
+    loss read (over any of the same name in ``params``), and ``params`` for every loss: this builds
+    the loss those checkpoints were trained with.
+    """
+    loss = values.get("loss")
+    if not isinstance(loss, dict) or "params" not in loss:
+        return values
+    settings = dict(loss.get("params") or {})
+    if loss.get("name", "triplet") == "triplet":
+        settings.update({key: loss[key] for key in ("margin", "squared", "negatives") if key in loss})
+    return {**values, "loss": {"name": loss.get("name", "triplet"), **settings}}
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     """Rebuild encoder, loss and caption encoder from a checkpoint file."""
     file = Path(path)
@@ -91,7 +96,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
         raise DataError(f"checkpoint {file} does not exist; train a model first (retrieval train)")
     try:
         state = torch.load(file, map_location=device, weights_only=False)
-        config = config_from_dict(state["config"], str(file))
+        config = config_from_dict(upgrade_saved_config(state["config"]), str(file))
     except (KeyError, RuntimeError, EOFError, OSError) as error:
         raise DataError(f"checkpoint {file} is not readable ({type(error).__name__})") from None
     vectors = load_vectors(config.text, RunDir.of_checkpoint(file))
@@ -99,7 +104,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     # The checkpoint holds every weight, so the backbone need not load its original file again.
     encoder = create_encoder(dataclasses.replace(config.model, weights="random"), caption_encoder.dim)
     encoder.load_state_dict(state["encoder"])
-    loss = create_loss(config.loss.name, **loss_kwargs(config, state.get("num_classes")))
+    loss = build_loss(config.loss, seed=config.train.seed, num_classes=state.get("num_classes"),
+                      embedding_dim=caption_encoder.dim)
     loss.load_state_dict(state["loss"])
     encoder.to(device).eval()
     return LoadedModel(config, encoder, loss.to(device), caption_encoder, state["vectors_fingerprint"],

@@ -47,15 +47,15 @@ from retrieval.evaluation import (
     load_held_out,
     model_embeddings,
 )
+from retrieval.distances import COSINE, Distance
 from retrieval.io import write_json
-from retrieval.losses import LOSSES
+from retrieval.losses import LOSSES, loss_settings
 from retrieval.rundir import RunDir
 from retrieval.runtime import resolve_device
 from retrieval.targets import build_caption_encoder, load_vectors
 from retrieval.train import fit
 
 KINDS = ("train", "conse")
-CROSS_ENTROPY_LOSSES = ("sigmoid-ce", "softmax-ce")
 LOWER_IS_BETTER = ("MedR", "MeanR")
 SECTIONS = ("data", "text", "model", "loss", "train", "index")
 DEFAULT_QUERIES = ("a pizza on a table", "a man riding a skateboard", "a red bus on the street")
@@ -240,7 +240,7 @@ def warm_up_text(spec: CompareSpec) -> dict[str, float]:
 
 
 def evaluate_record(spec: CompareSpec, embeddings: np.ndarray, data: _Data, caption_encoder,
-                    distance: str) -> HeldOutEvaluation:
+                    distance: Distance) -> HeldOutEvaluation:
     """Metrics, chance, zero-shot, R@K curve and example queries of one set of val embeddings."""
     held_out = data.held_out
     return full_report(embeddings, held_out.keys, held_out.captions, held_out.meta, caption_encoder,
@@ -281,9 +281,9 @@ def train_run(spec: CompareSpec, variant: VariantSpec, seed: int, data: _Data, r
                                                                     for s in result.history]
     run = RunResult(seed=seed, run_dir=os.path.relpath(result.run_dir, spec.out), wall_seconds=wall,
                     train_seconds=float(sum(s.seconds for s in result.history)), history=history,
-                    distance=model.loss.search_metric,
+                    distance=model.loss.distance.name,
                     evaluation=evaluate_record(spec, embeddings, data, model.caption_encoder,
-                                               model.loss.search_metric))
+                                               model.loss.distance))
     write_json(saved, {"identity": identity, "run": run.to_json()})
     return run
 
@@ -302,20 +302,21 @@ def conse_run(spec: CompareSpec, variant: VariantSpec, data: _Data) -> RunResult
     started = time.perf_counter()
     embeddings = conse_embeddings(data.held_out.features, data.held_out.classifier, encoder, top_t=variant.top_t)
     wall = time.perf_counter() - started
-    return RunResult(seed=None, run_dir=None, wall_seconds=wall, train_seconds=0.0, history=[], distance="cosine",
-                     evaluation=evaluate_record(spec, np.asarray(embeddings, np.float32), data, encoder, "cosine"))
+    return RunResult(seed=None, run_dir=None, wall_seconds=wall, train_seconds=0.0, history=[], distance=COSINE.name,
+                     evaluation=evaluate_record(spec, np.asarray(embeddings, np.float32), data, encoder, COSINE))
 
 
 def run_variant(spec: CompareSpec, variant: VariantSpec, data: _Data, bar: tqdm, reuse: bool = True) -> VariantResult:
     """Every seed of one variant (ConSE: one deterministic run); skipped variants carry a note."""
     seeds = spec.seeds if variant.kind == "train" else (None,)
     config = spec.config_for(variant, seeds[0])
-    plain, loss = config_to_dict(config), config.loss.name  # family: how the verdict groups variants
-    family = "reference" if variant.kind == "conse" else "triplet" if loss.startswith("triplet") else (
-        "cross-entropy" if loss in CROSS_ENTROPY_LOSSES else "other")
+    loss = config.loss.name  # family: how the verdict groups variants (the loss declares it)
+    family = "reference" if variant.kind == "conse" else str(LOSSES.get(loss).family)
+    settings = loss_settings(config.loss)
+    recipe = {"loss": {"name": loss, **settings}, "model": config_to_dict(config)["model"]}
     record = VariantResult(name=variant.name, kind=variant.kind, set=list(variant.set), optional=variant.optional,
-                           family=family, loss=loss, negatives=config.loss.negatives,
-                           text_vectors=config.text.vectors, recipe={"loss": plain["loss"], "model": plain["model"]})
+                           family=family, loss=loss, negatives=settings.get("negatives"),
+                           text_vectors=config.text.vectors, recipe=recipe)
     try:
         for seed in seeds:
             bar.set_postfix_str(variant.name + (f" seed {seed}" if seed is not None else ""))

@@ -124,9 +124,9 @@ class VariantResult(JsonRecord):
     kind: str  # train | conse
     set: list[str]
     optional: bool
-    family: str  # how the verdict groups variants: triplet, cross-entropy, reference or other
+    family: str  # how the verdict groups variants: the loss's family (triplet, cross-entropy, ...) or reference
     loss: str
-    negatives: str
+    negatives: str | None  # the triplet loss's negatives setting; None for losses without one
     text_vectors: str
     recipe: dict[str, Any]  # the loss and model sections of its config
     status: str = "ok"  # ok | skipped

@@ -65,13 +65,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The training loss: a registry name plus its keyword arguments."""
+    """The training loss: a registry name plus that loss's own settings.
+
+    In YAML the settings sit beside the name (``loss: {name: quadruplet, margin: 0.3}``); they are
+    checked against the loss's signature when the config is loaded (see ``retrieval.losses``).
+    ``settings`` holds what the config gave; the loss's defaults fill in the rest when it is built.
+    """
 
     name: str = "triplet"
-    margin: float = 1.0
-    squared: bool = False
-    negatives: str = "hard"  # hard | soft | random
-    params: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class IndexConfig:
     """The faiss index built over the collection's image embeddings."""
 
     kind: str = "auto"  # auto | flat | ivf | hnsw
-    metric: str = "auto"  # auto (what the loss trained for) | l2 | ip
+    metric: str = "auto"  # auto (the loss's distance) | l2 | squared-l2 | cosine | ip
     split: str = "val"  # which shard split is indexed: train | val | all
 
 
@@ -171,7 +173,9 @@ def _build(cls: type, values: dict, where: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         path = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(hints[name]):
+        if hints[name] is LossConfig:
+            kwargs[name] = _loss_config(value or {}, path)
+        elif dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _coerce(value or {}, hints[name], path)
         else:
             kwargs[name] = _coerce(value, hints[name], path)
@@ -182,6 +186,17 @@ def build_dataclass(cls: type, values: dict, where: str) -> Any:
     """Any dataclass from nested dicts, as configs are built: unknown or missing fields and wrong types are
     one-line ConfigErrors that name the field (``where.field[2].name``)."""
     return _build(cls, values, where)
+
+
+def _loss_config(values: Any, where: str) -> LossConfig:
+    """``{name: ..., <setting>: ...}`` → :class:`LossConfig`, each setting checked against the loss's signature."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{name: triplet, margin: 0.4}}, got {values!r}")
+    settings = dict(values)
+    name = _coerce(settings.pop("name", LossConfig.name), str, f"{where}.name")
+    from retrieval.losses import check_loss_settings  # the loss registry (and torch) only once a config is read
+
+    return LossConfig(name, check_loss_settings(name, settings, where=where, coerce=_coerce))
 
 
 def config_from_dict(values: dict, where: str = "config") -> Config:
@@ -199,7 +214,9 @@ def config_to_dict(config: Config) -> dict:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(config))
+    values = plain(dataclasses.asdict(config))
+    values["loss"] = {"name": config.loss.name, **plain(config.loss.settings)}  # settings beside the name
+    return values
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -215,7 +232,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Return a copy of the nested dict with each ``a.b=v`` override applied in order."""
+    """Return a copy of the nested dict with each ``a.b=v`` override applied in order.
+
+    ``a={...}`` replaces the whole section: ``loss={name: circle, m: 0.3}`` drops the previous
+    loss's settings, where ``loss.name=circle`` keeps them (and they must then suit the new loss).
+    """
     result = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
     for text in overrides:
         path, value = parse_override(text)

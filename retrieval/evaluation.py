@@ -19,6 +19,7 @@ import torch
 
 from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
+from retrieval.distances import L2, Distance
 from retrieval.embed import EncodedCollection, caption_pairs, encode_shards, eval_transform, split_features
 from retrieval.errors import ConfigError, DataError, QueryError
 from retrieval.metrics import chance_recall, retrieval_metrics
@@ -56,7 +57,7 @@ class RetrievalReport(JsonRecord):
     """All metrics in both directions with their chance levels, and zero-shot retrieval when the data has it."""
 
     relevance: str  # "class" or "image"
-    distance: str  # how images and captions were compared: l2, ip or cosine
+    distance: str  # how images and captions were compared: l2, squared-l2, cosine or ip
     ks: list[int]
     num_images: int
     num_captions: int
@@ -91,7 +92,7 @@ class HeldOutEvaluation(JsonRecord):
 
 
 def cross_modal_report(image_emb: np.ndarray, caption_emb: np.ndarray, caption_labels: np.ndarray,
-                       image_labels: np.ndarray, ks=(1, 5, 10), distance: str = "l2") -> dict[str, float]:
+                       image_labels: np.ndarray, ks=(1, 5, 10), distance: Distance = L2) -> dict[str, float]:
     """Flat dict ``{"text_to_image/R@1": …, "image_to_text/mAP": …}``.
 
     Relevance: caption ``c`` and image ``i`` match iff ``caption_labels[c] == image_labels[i]``
@@ -192,13 +193,13 @@ def zero_shot_classes(meta: Sequence[dict]) -> list[int]:
 # -- reports --------------------------------------------------------------------------------------
 def evaluate_embeddings(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
                         encode_batch: Callable, ks: Sequence[int] = (1, 5, 10),
-                        distance: str = "l2") -> RetrievalReport:
+                        distance: Distance = L2) -> RetrievalReport:
     """All metrics in both directions, the chance level and (when present) zero-shot retrieval."""
     queries = caption_queries(captions, meta, encode_batch)
     if len(queries.vectors) == 0:
         raise DataError("no held-out caption has a known word; nothing to evaluate")
     return RetrievalReport(
-        relevance=queries.relevance, distance=distance, ks=list(ks), num_images=int(len(image_emb)),
+        relevance=queries.relevance, distance=distance.name, ks=list(ks), num_images=int(len(image_emb)),
         num_captions=int(len(queries.vectors)),
         metrics=cross_modal_report(image_emb, queries.vectors, queries.caption_labels, queries.image_labels, ks,
                                    distance),
@@ -208,7 +209,7 @@ def evaluate_embeddings(image_emb: np.ndarray, captions: Sequence[Sequence[str]]
 
 def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
                      encode_batch: Callable, ks: Sequence[int] = (1, 5, 10),
-                     distance: str = "l2") -> ZeroShotReport | None:
+                     distance: Distance = L2) -> ZeroShotReport | None:
     """Text→image with the zero-shot class names as queries against every image; None without any."""
     held_out = zero_shot_classes(meta)
     if not held_out:
@@ -229,7 +230,7 @@ def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], m
 
 
 def recall_curve(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                 encode_batch: Callable, max_k: int, distance: str = "l2") -> dict[str, list[float]]:
+                 encode_batch: Callable, max_k: int, distance: Distance = L2) -> dict[str, list[float]]:
     """R@K for K = 1..min(max_k, images) in both directions: ``{"text_to_image": [R@1, R@2, …], …}``."""
     queries = caption_queries(captions, meta, encode_batch)
     ks = range(1, max(1, min(int(max_k), len(image_emb))) + 1)
@@ -238,32 +239,26 @@ def recall_curve(image_emb: np.ndarray, captions: Sequence[Sequence[str]], meta:
     return {direction: [report[f"{direction}/R@{k}"] for k in ks] for direction in DIRECTIONS}
 
 
-def top_images(image_emb: np.ndarray, queries: Sequence[str], encode_query: Callable, distance: str, k: int,
+def top_images(image_emb: np.ndarray, queries: Sequence[str], encode_query: Callable, distance: Distance, k: int,
                keys: Sequence[str]) -> dict[str, list[str]]:
     """The keys of the ``k`` best images per text query (a query with no known word gets an empty list)."""
-    found = {}
+    found, items = {}, distance.to_search_space(image_emb)
     for query in queries:
         try:
-            vector = encode_query(query)
+            vector = distance.to_search_space(encode_query(query))
         except QueryError:
             found[query] = []
             continue
-        if distance == "l2":
-            scores = -np.square(image_emb - vector[None, :]).sum(axis=1)
-        elif distance == "cosine":
-            scores = _unit(image_emb) @ _unit(vector[None, :])[0]
+        if distance.faiss_metric == "l2":
+            scores = -np.square(items - vector[None, :]).sum(axis=1)
         else:
-            scores = image_emb @ vector
+            scores = items @ vector
         found[query] = [keys[i] for i in np.argsort(-scores, kind="stable")[:k]]
     return found
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 def full_report(image_emb: np.ndarray, keys: Sequence[str], captions: Sequence[Sequence[str]], meta: Sequence[dict],
-                caption_encoder, *, ks: Sequence[int], distance: str, max_k: int, queries: Sequence[str],
+                caption_encoder, *, ks: Sequence[int], distance: Distance, max_k: int, queries: Sequence[str],
                 top_k: int) -> HeldOutEvaluation:
     """:func:`evaluate_embeddings` plus the R@K curve and the top images of example queries."""
     report = evaluate_embeddings(image_emb, captions, meta, caption_encoder.encode_batch, ks, distance)
@@ -317,7 +312,7 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str = LAST_CHECKPOINT, shar
     collection = model_embeddings(model, files, split, device=device)
     report = evaluate_embeddings(collection.vectors.numpy(), collection.captions, collection.meta,
                                  model.caption_encoder.encode_batch, ks or model.config.train.ks,
-                                 model.loss.search_metric)
+                                 model.loss.distance)
     return CheckpointReport(str(path), model.epoch, str(shard_dir), split, report)
 
 

@@ -15,28 +15,14 @@ from gensim.parsing.preprocessing import STOPWORDS
 
 from retrieval.checkpoint import LoadedModel, load_checkpoint
 from retrieval.data import Sample, list_shards
+from retrieval.distances import search_distance
 from retrieval.embed import encode_shards, eval_transform, known_captions
-from retrieval.errors import ConfigError
 from retrieval.index import VectorIndex
 from retrieval.io import atomic_dir
 from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
 from retrieval.text import tokenize
 
 THUMBNAIL_SIZE = 192
-
-
-def search_metric(model: LoadedModel, configured: str) -> str:
-    """``auto`` → the metric the loss trained for (``l2`` for the triplet loss, ``cosine`` for others)."""
-    metric = model.loss.search_metric if configured == "auto" else configured
-    if metric not in ("l2", "cosine", "ip"):
-        raise ConfigError(f"index.metric: unknown metric {metric!r}; choose auto, l2 or cosine")
-    return metric
-
-
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """L2-normalise each row (zero rows stay zero)."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def write_thumbnail(sample: Sample, out_dir: IndexDir) -> str:
@@ -62,9 +48,13 @@ def caption_vocabulary(captions: list[str], caption_vectors: np.ndarray, caption
 
 def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, *, kind: str = "auto",
                 metric: str = "auto", thumbnails: bool = True, device: str = "cpu") -> Path:
-    """Embed every image of ``shards`` with ``model`` and write the index directory atomically."""
+    """Embed every image of ``shards`` with ``model`` and write the index directory atomically.
+
+    ``metric``: ``auto`` compares by the loss's distance, else by the distance it names
+    (``index.metric``); images and captions are stored mapped into that distance's search space.
+    """
     out_dir = Path(out_dir)
-    metric = search_metric(model, metric)
+    distance = search_distance(model.loss.distance, metric)
     transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
     stamp = index_stamp(model)
     with atomic_dir(out_dir) as tmp:
@@ -79,14 +69,14 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
         collection = encode_shards(shards, model.embed_images, transform, device=device, desc="embedding images",
                                    visit=save_thumbnail if thumbnails else None)
         texts, caption_vectors, owner, _ = known_captions(collection.captions, model.caption_encoder.encode_batch)
-        image_vectors = collection.vectors.numpy().astype(np.float32)
-        if metric == "cosine":  # cosine = inner product of unit vectors, on both sides
-            image_vectors, caption_vectors, metric = unit_rows(image_vectors), unit_rows(caption_vectors), "ip"
+        image_vectors = distance.to_search_space(collection.vectors.numpy().astype(np.float32))
+        caption_vectors = distance.to_search_space(caption_vectors.astype(np.float32))
         metadata = [{"key": key, "captions": captions, "thumbnail": thumbs.get(key), "meta": meta}
                     for key, captions, meta in zip(collection.keys, collection.captions, collection.meta)]
-        VectorIndex.build(image_vectors, metadata, kind=kind, metric=metric, stamp=stamp).save(staged.images)
+        VectorIndex.build(image_vectors, metadata, kind=kind, metric=distance.faiss_metric,
+                          stamp=stamp).save(staged.images)
         caption_meta = [{"caption": text, "key": collection.keys[i]} for text, i in zip(texts, owner)]
-        VectorIndex.build(caption_vectors.astype(np.float32), caption_meta, kind="flat", metric=metric,
+        VectorIndex.build(caption_vectors, caption_meta, kind="flat", metric=distance.faiss_metric,
                           stamp=stamp).save(staged.captions)
         vocabulary = caption_vocabulary(texts, caption_vectors, model.caption_encoder)
         staged.vocabulary_file.write_text(json.dumps(vocabulary))

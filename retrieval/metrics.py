@@ -30,9 +30,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from retrieval.distances import Distance, distance_named
 from retrieval.errors import ConfigError, DataError
 
-DISTANCES = ("l2", "ip", "cosine")
 DEFAULT_MAX_BYTES = 256 * 2**20
 _CELL_BYTES = (12, 24)  # working bytes per score-block cell (broadcast, searchsorted counting)
 _PAIR_BYTES = 64  # working bytes per gathered relevant pair
@@ -83,26 +83,29 @@ def retrieval_metrics(
     item_labels: Any,
     *,
     ks: Sequence[int] = (1, 5, 10),
-    distance: str = "l2",
+    distance: Distance | str = "l2",
     query_chunk: int | None = None,
     item_chunk: int | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> RetrievalMetrics:
     """Rank ``items`` (n, d) for every row of ``queries`` (q, d) and average the metrics.
 
-    ``distance``: ``l2`` (score = -squared distance), ``ip`` or ``cosine`` (score = similarity, higher is better).
+    ``distance`` (a :class:`~retrieval.distances.Distance` or its name) ranks the items: both sides
+    are mapped into its search space and scored as its faiss index would (``l2`` and ``squared-l2``:
+    score = -squared distance; ``cosine``: inner product of unit vectors; ``ip``: inner product).
     Chunk sizes are derived from ``max_bytes`` unless ``query_chunk``/``item_chunk`` are given.
     """
     ks = _check_ks(ks)
-    if distance not in DISTANCES:
-        raise ConfigError(f"distance: unknown {distance!r}; choose one of: {', '.join(DISTANCES)}")
+    distance = distance_named(distance)
     qx, xx = _as_matrix(queries, "queries"), _as_matrix(items, "items")
     if qx.shape[1] != xx.shape[1]:
         raise DataError(f"queries have dimension {qx.shape[1]} but items have {xx.shape[1]}")
     qlab = _as_labels(query_labels, len(qx), "query_labels")
     xlab = _as_labels(item_labels, len(xx), "item_labels")
-    if distance == "cosine":
-        qx, xx = _normalize(qx, "queries"), _normalize(xx, "items")
+    if distance.unit_length:
+        _check_nonzero(qx, "queries")
+        _check_nonzero(xx, "items")
+        qx, xx = distance.to_search_space(qx), distance.to_search_space(xx)
     qn, xn = _squared_norms(qx), _squared_norms(xx)
     if 4.0 * max(float(qn.max()), float(xn.max())) > 1e37:
         raise DataError("embeddings are too large: scores would overflow float32")
@@ -111,7 +114,7 @@ def retrieval_metrics(
     if (missing := int(np.count_nonzero(r == 0))) > 0:
         raise DataError(f"{missing} of {len(qlab)} queries have no relevant item (no item shares their label)")
     qc, ic = _chunk_sizes(len(qx), len(xx), int(r.max()), max_bytes, query_chunk, item_chunk)
-    if distance != "l2":  # without norms, _scores gives q.x; with them 2*q.x - |q|^2 - |x|^2 = -|q - x|^2
+    if distance.faiss_metric != "l2":  # without norms _scores gives q.x; with them 2q.x - |q|^2 - |x|^2 = -|q - x|^2
         qn = xn = None
     first, ap = np.empty(len(qx)), np.empty(len(qx))
     hits = {k: np.empty(len(qx)) for k in ks}
@@ -258,7 +261,7 @@ def cross_modal_metrics(
     caption_image_ids: Any,
     ks: Sequence[int] = (1, 5, 10),
     *,
-    distance: str = "l2",
+    distance: Distance | str = "l2",
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> dict[str, RetrievalMetrics]:
     """``text_to_image`` (captions query images) and ``image_to_text`` (images query captions).
@@ -360,11 +363,9 @@ def _as_labels(x: Any, length: int, name: str) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-def _normalize(x: np.ndarray, name: str) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (zero := int(np.count_nonzero(norms == 0))) > 0:
+def _check_nonzero(x: np.ndarray, name: str) -> None:
+    if (zero := int(np.count_nonzero(~x.any(axis=1)))) > 0:
         raise DataError(f"{name}: {zero} zero vectors have no cosine similarity")
-    return x / norms
 
 
 def _squared_norms(x: np.ndarray) -> np.ndarray:

@@ -127,7 +127,7 @@ def _cost_table(results: ComparisonResults) -> list[str]:
     for variant in results.ran():
         summary = variant.summary
         loss = "ConSE (no training)" if variant.kind == "conse" else f"`{variant.loss}`"
-        if variant.kind == "train" and variant.loss.startswith("triplet"):
+        if variant.kind == "train" and variant.family == "triplet" and variant.negatives:
             loss += f" (`{variant.negatives}` negatives)"
         lines.append(f"| `{variant.name}` | {variant.kind} | {loss} | `{variant.text_vectors}` | "
                      f"{_seconds(summary.wall_seconds)} | {_seconds(summary.train_seconds)} |")

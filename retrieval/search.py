@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.checkpoint import LoadedModel, load_checkpoint
+from retrieval.distances import COSINE, search_distance
 from retrieval.embed import eval_transform
 from retrieval.errors import DataError, QueryError
 from retrieval.index import VectorIndex
@@ -58,6 +59,11 @@ class Searcher:
         self.images = images
         self.captions = captions
         self.index_dir = IndexDir(index_dir)
+        # what the index build compared by: the loss's distance, unless the run's index.metric names another
+        self.distance = search_distance(model.loss.distance, model.config.index.metric)
+        if images.metric != self.distance.faiss_metric:
+            raise DataError(f"the index in {self.index_dir} compares by {images.metric}, but this model searches by "
+                            f"{self.distance.name}; rebuild it with `retrieval index`")
         self._load_vocabulary()
         self.transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
 
@@ -87,7 +93,7 @@ class Searcher:
             raise DataError(f"{path} is missing or unreadable; rebuild the index with `retrieval index`") from None
         word_vectors, _, _ = self.model.caption_encoder.encode_batch(self.words)
         centred = word_vectors - self.caption_center
-        self.word_matrix = centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+        self.word_matrix = COSINE.to_search_space(centred)
 
     # -- query vectors ------------------------------------------------------------------------
     def text_vector(self, query: str) -> np.ndarray:
@@ -112,11 +118,8 @@ class Searcher:
 
     # -- queries ------------------------------------------------------------------------------
     def _query(self, vector: np.ndarray) -> np.ndarray:
-        """One query row; unit length when the index compares by cosine (inner product)."""
-        row = np.asarray(vector, dtype=np.float32)[None, :]
-        if self.images.metric == "ip":
-            row = row / max(float(np.linalg.norm(row)), 1e-12)
-        return row
+        """One query row in the search space of the index's distance (unit length for cosine)."""
+        return self.distance.to_search_space(np.asarray(vector, dtype=np.float32)[None, :])
 
     def images_near(self, vector: np.ndarray, k: int) -> list[ImageHit]:
         result = self.images.search(self._query(vector), k)
@@ -153,7 +156,7 @@ class Searcher:
         if not self.words:
             return []
         query = np.asarray(vector, dtype=np.float32) - self.caption_center
-        scores = self.word_matrix @ (query / max(float(np.linalg.norm(query)), 1e-12))
+        scores = self.word_matrix @ COSINE.to_search_space(query)
         best = np.argsort(-scores, kind="stable")[:k]
         return [TextHit(self.words[i], float(scores[i])) for i in best]
 

@@ -16,16 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.batches import batch_source, caption_targets
-from retrieval.checkpoint import loss_kwargs, save_checkpoint
+from retrieval.checkpoint import save_checkpoint
 from retrieval.config import Config, save_config
 from retrieval.data import list_shards
 from retrieval.embed import EncodedCollection
 from retrieval.errors import DataError
 from retrieval.evaluation import CaptionQueries, caption_queries, class_count, cross_modal_report
 from retrieval.io import atomic_path
-from retrieval.losses import LOSSES, create_loss
+from retrieval.losses import LOSSES, build_loss
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
-from retrieval.negatives import NEGATIVE_SAMPLERS
 from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDir
 from retrieval.runtime import resolve_device, seed_everything, torch_threads
 from retrieval.targets import build_caption_encoder, load_vectors, vectors_fingerprint
@@ -59,9 +58,8 @@ class TrainResult:
 
 
 def check_names(config: Config) -> None:
-    """Fail fast, before any data is read, on a loss, negative sampler or backbone name that does not exist."""
-    LOSSES.get(config.loss.name)
-    NEGATIVE_SAMPLERS.get(config.loss.negatives)
+    """Fail fast, before any data is read, on a loss or backbone name that does not exist."""
+    LOSSES.get(config.loss.name)  # its settings were checked when the config was loaded
     BACKBONES.get(config.model.backbone)
 
 
@@ -103,18 +101,17 @@ class Trainer:
         model = self.config.model
         self.encoder = ImageEncoder(self.backbone, self.caption_encoder.dim, model.projection, model.hidden_dim,
                                     model.dropout, model.freeze_backbone, model.normalize_output).to(self.device)
-        self.loss = create_loss(self.config.loss.name, **loss_kwargs(self.config, self.num_classes)).to(self.device)
+        self.loss = build_loss(self.config.loss, seed=self.config.train.seed, num_classes=self.num_classes,
+                               embedding_dim=self.caption_encoder.dim).to(self.device)
         self.loss.prepare(self.targets.vectors.to(self.device))
         parameters = [p for p in list(self.encoder.parameters()) + list(self.loss.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(parameters, lr=self.config.train.lr,
                                            weight_decay=self.config.train.weight_decay)
-        self.metric = self.loss.search_metric
 
     # -- one epoch, evaluation, checkpoints --------------------------------------------------
     def train_epoch(self, epoch: int) -> EpochStats:
         self.encoder.train()
-        if hasattr(self.loss, "refresh_bank") and epoch > 1:  # offline negatives: a new bank each epoch
-            self.loss.refresh_bank()
+        self.loss.on_epoch_start(epoch)
         start, totals, count = time.perf_counter(), np.zeros(4), 0
         for inputs, targets, labels in self.source.batches(epoch, self.targets):
             inputs, targets, labels = inputs.to(self.device), targets.to(self.device), labels.to(self.device)
@@ -137,7 +134,7 @@ class Trainer:
         embeddings, collection = self.source.held_out(self.encoder, self.loss.embed)
         queries = self._held_out_captions(collection)
         return cross_modal_report(embeddings.numpy(), queries.vectors, queries.caption_labels, queries.image_labels,
-                                  self.config.train.ks, self.metric)
+                                  self.config.train.ks, self.loss.distance)
 
     def _held_out_captions(self, collection: EncodedCollection) -> CaptionQueries:
         """Val caption vectors with their relevance labels, encoded once per run (they are frozen)."""

@@ -157,3 +157,12 @@ def test_app_job_passes_run_index_and_checkpoint_to_streamlit(tmp_path):
     assert command[command.index("--server.headless") + 1] == "true"
     assert command[command.index("--") + 1:] == ["--run", str(tmp_path), "--index", str(tmp_path / "ix"),
                                                   "--checkpoint", "last.pt"]
+
+
+def test_model_card_states_the_loss_with_every_setting_in_effect(trained_run, app_index):
+    from app.views import model_card
+    from retrieval.search import Searcher
+
+    card = model_card(Searcher.open(trained_run.best_checkpoint, app_index), "best.pt")
+    assert "- **loss**: triplet (margin=0.4, squared=False, negatives=hard)\n" in card  # demo.yaml's loss
+    assert ", l2, 25 images" in card  # the index compares by the loss's distance

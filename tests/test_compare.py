@@ -22,8 +22,9 @@ from tests.conftest import PROJECT_ROOT
 
 VARIANTS = [
     {"name": "triplet-hard", "set": ["loss.name=triplet", "loss.negatives=hard"]},
-    {"name": "sigmoid-ce", "set": ["loss.name=sigmoid-ce", "model.normalize_output=false"]},
-    {"name": "softmax-ce", "set": ["loss.name=softmax-ce"]},  # no class labels here: skipped with a note
+    # loss={...} replaces the base's triplet section (margin, negatives) with one of its own
+    {"name": "sigmoid-ce", "set": ["loss={name: sigmoid-ce}", "model.normalize_output=false"]},
+    {"name": "softmax-ce", "set": ["loss={name: softmax-ce}"]},  # no class labels here: skipped with a note
     {"name": "conse", "kind": "conse"},  # no training
 ]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -66,6 +67,11 @@ def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
             stored = torch.load(RunDir(out / run["run_dir"]).checkpoint("last.pt"), weights_only=False)["metrics"]
             assert {k: run["metrics"][k] for k in stored} == pytest.approx(stored, abs=1e-6)
         assert len(variant["summary"]["recall_curve"]["text_to_image"]) == 10
+    families = {v["name"]: v["family"] for v in results["variants"]}  # what each loss declares
+    assert families == {"triplet-hard": "triplet", "sigmoid-ce": "cross-entropy", "softmax-ce": "cross-entropy",
+                        "conse": "reference"}
+    recipe = next(v["recipe"]["loss"] for v in results["variants"] if v["name"] == "triplet-hard")
+    assert recipe == {"name": "triplet", "margin": 0.4, "squared": False, "negatives": "hard"}  # every setting
     assert results["command"].startswith("retrieval compare --config")
     assert results["base_config"]["train"]["epochs"] == 2 and results["num_seeds"] == 2
 
@@ -235,6 +241,7 @@ def test_compare_config_errors_are_one_line(tmp_path, sample_shards):
              ({"variants": [{"name": "a", "kind": "finetune"}]}, "finetune"),
              ({"variants": [{"name": "a", "top_t": "ten"}]}, "top_t"),
              ({"variants": "a"}, "variants"),
+             ({"variants": [{"name": "a", "set": ["loss.name=sigmoid-ce"]}]}, "'loss={name: sigmoid-ce, ...}'"),
              ({"seeds": []}, "seeds"), ({"seeds": [0, 0]}, "seeds"), ({"seeds": [1.5]}, "seeds[0]"),
              ({"curve_max_k": 0}, "curve_max_k"), ({"example_queries": "a dog"}, "example_queries"),
              ({"data": ["shard_dir"]}, "data"), ({"train": {"epochs": "two"}}, "epochs")]

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import yaml
 
-from retrieval.config import Config, load_config, save_config
+from retrieval.config import Config, LossConfig, config_from_dict, config_to_dict, load_config, save_config
 from retrieval.errors import ConfigError
+
+from tests.conftest import PROJECT_ROOT
 
 
 def test_defaults_without_file():
@@ -20,10 +23,10 @@ def test_defaults_without_file():
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 7\n  lr: 1\nloss:\n  name: triplet\n")
-    config = load_config(path, ["train.epochs=3", "loss.params={k: 2}", "train.ks=[1, 3]", "text.vectors_path=null"])
+    config = load_config(path, ["train.epochs=3", "loss.margin=2", "train.ks=[1, 3]", "text.vectors_path=null"])
     assert config.train.epochs == 3
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
-    assert config.loss.params == {"k": 2}
+    assert config.loss == LossConfig("triplet", {"margin": 2.0}) and isinstance(config.loss.settings["margin"], float)
     assert config.train.ks == (1, 3)
     assert config.text.vectors_path is None
 
@@ -54,3 +57,56 @@ def test_saved_config_round_trips(tmp_path):
     config = load_config(None, ["train.epochs=9", "loss.negatives=soft"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+    offline = load_config(None, ["loss={name: triplet-offline, margin: 0.3, pool_size: 64, squared: true}"])
+    save_config(offline, tmp_path / "offline.yaml")
+    saved = yaml.safe_load((tmp_path / "offline.yaml").read_text())["loss"]
+    assert saved == {"name": "triplet-offline", "margin": 0.3, "pool_size": 64, "squared": True}  # settings beside the name
+    assert load_config(tmp_path / "offline.yaml") == offline
+    assert config_from_dict(config_to_dict(offline)) == offline
+
+
+def test_loss_settings_are_checked_when_the_config_is_loaded(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  name: quadruplet\n  margin: 0.8\n  second_margn: 0.2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}.loss: loss 'quadruplet' has no setting 'second_margn'") and "\n" not in message
+    assert "its settings: margin, second_margin, squared" in message
+    path.write_text("loss:\n  name: quadruplet\n  margin: 0.8\n")
+    assert load_config(path).loss == LossConfig("quadruplet", {"margin": 0.8})
+    with pytest.raises(ConfigError, match=r"c\.yaml\.loss\.margin: must be >= 0"):
+        load_config(path, ["loss={name: quadruplet, margin: -1}"])
+
+
+def test_switching_the_loss_name_keeps_the_other_settings_and_checks_them():
+    demo = PROJECT_ROOT / "configs" / "demo.yaml"  # loss: {name: triplet, margin: 0.4, negatives: hard}
+    mined = load_config(demo, ["loss.name=triplet-mined", "loss={name: triplet-mined, margin: 0.4}"])
+    assert mined.loss == LossConfig("triplet-mined", {"margin": 0.4})
+    contrastive = load_config(None, ["loss.margin=0.3", "loss.name=contrastive"])  # contrastive has a margin too
+    assert contrastive.loss == LossConfig("contrastive", {"margin": 0.3})
+    with pytest.raises(ConfigError) as error:
+        load_config(demo, ["loss.name=sigmoid-ce"])
+    message = str(error.value)
+    assert "loss 'sigmoid-ce' has no setting 'margin', 'negatives'; its settings: none" in message
+    assert "--set 'loss={name: sigmoid-ce, ...}' replaces the whole loss section" in message and "\n" not in message
+    assert load_config(demo, ["loss={name: sigmoid-ce}"]).loss == LossConfig("sigmoid-ce", {})
+
+
+@pytest.mark.parametrize("section, needle", [
+    ({"name": "tripplet"}, "config.loss.name: unknown loss 'tripplet'; choose one of:"),
+    ({"name": 3}, "config.loss.name: expected str"),
+    ({"margin": "wide"}, "config.loss.margin: expected float"),
+    ("triplet", "config.loss: expected a mapping"),
+])
+def test_bad_loss_sections_name_the_field(section, needle):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"loss": section})
+    assert str(error.value).startswith(needle) and "\n" not in str(error.value)
+
+
+def test_every_shipped_config_loads_in_the_new_loss_format():
+    for path in sorted((PROJECT_ROOT / "configs").glob("*.yaml")):
+        if "compare" not in path.name:  # compare configs are checked in test_compare
+            config = load_config(path)
+            assert config_from_dict(config_to_dict(config)) == config

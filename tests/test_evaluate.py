@@ -11,6 +11,7 @@ import torch
 from pipelines.cli import main as cli
 from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
+from retrieval.distances import L2
 from retrieval.embed import caption_pairs, encode_shards, eval_transform
 from retrieval.evaluation import (CheckpointReport, RetrievalReport, chance_report, cross_modal_report,
                                   evaluate_embeddings, format_report)
@@ -29,7 +30,7 @@ def recomputed(run_dir, checkpoint: str = "last.pt") -> tuple[dict, dict]:
     captions, owner, _ = caption_pairs(collection.captions, model.caption_encoder.encode_batch)
     images = np.arange(len(collection.keys))
     return (cross_modal_report(collection.vectors.numpy(), captions, owner, images, (1, 5, 10),
-                               model.loss.search_metric), chance_report(owner, images, (1, 5, 10)))
+                               model.loss.distance), chance_report(owner, images, (1, 5, 10)))
 
 
 def test_evaluate_writes_every_metric_and_the_chance_level(trained_run, tmp_path, capsys):
@@ -85,7 +86,7 @@ def test_zero_shot_queries_are_the_held_out_class_names():
     meta = [{"label": label, **({"zero_shot": True} if label == 2 else {})} for label in labels]
     captions = [[names[label]] for label in labels]
     images = np.eye(3, dtype=np.float32)[labels] + 0.01 * np.arange(6, dtype=np.float32)[:, None]
-    report = evaluate_embeddings(images, captions, meta, OneHotNames(names).encode_batch, (1, 2), "l2")
+    report = evaluate_embeddings(images, captions, meta, OneHotNames(names).encode_batch, (1, 2), L2)
     assert report.relevance == "class" and report.distance == "l2"
     zero_shot = report.zero_shot
     assert [q.name for q in zero_shot.queries] == ["sandal"] and zero_shot.num_images == 6
@@ -98,7 +99,7 @@ def test_zero_shot_queries_are_the_held_out_class_names():
 def test_zero_shot_names_without_known_words_are_reported_not_fatal():
     meta = [{"label": 0}, {"label": 1, "zero_shot": True}]
     report = evaluate_embeddings(np.eye(2, dtype=np.float32), [["shirt"], ["sandal"]], meta,
-                                 OneHotNames(["shirt", "other"]).encode_batch, (1,), "l2")
+                                 OneHotNames(["shirt", "other"]).encode_batch, (1,), L2)
     assert report.zero_shot.metrics is None and report.zero_shot.queries[0].known is False
     assert "not evaluated" in format_report(report)
     assert report.to_json()["zero_shot"] == {"queries": [{"label": 1, "name": "sandal", "known": False}],

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from retrieval.data import Record, write_shards
 from retrieval.errors import ConfigError
 from retrieval.losses import LOSSES
+from retrieval.losses.triplet_offline import OfflineBankTripletLoss
 from retrieval.train import fit
 
 from tests.conftest import demo_config
@@ -49,7 +50,8 @@ def class_shards(tmp_path_factory):
 
 
 def short_run(tmp_path, shards, loss, *extra):
-    return fit(demo_config(tmp_path, f"data.shard_dir={shards}", f"loss.name={loss}", "train.epochs=1",
+    # loss={name: ...} replaces the demo's triplet section (margin, negatives) with the loss's defaults
+    return fit(demo_config(tmp_path, f"data.shard_dir={shards}", f"loss={{name: {loss}}}", "train.epochs=1",
                            "train.eval_every=1", f"train.feature_cache_dir={shards.parent / 'features'}",
                            "data.image_size=64", *extra), progress=False)
 
@@ -79,3 +81,15 @@ def test_bad_loss_name_lists_the_valid_ones(sample_shards, tmp_path):
     with pytest.raises(ConfigError, match="triplet") as error:
         short_run(tmp_path, sample_shards, "tripplet")
     assert "\n" not in str(error.value)
+
+
+def test_the_trainer_calls_the_epoch_hook_before_every_epoch(sample_shards, tmp_path, monkeypatch):
+    seen, refresh = [], OfflineBankTripletLoss.on_epoch_start
+
+    def record(self, epoch):
+        seen.append(epoch)
+        refresh(self, epoch)
+
+    monkeypatch.setattr(OfflineBankTripletLoss, "on_epoch_start", record)
+    short_run(tmp_path, sample_shards, "triplet-offline", "train.epochs=3", "train.eval_every=3")
+    assert seen == [1, 2, 3]

@@ -21,8 +21,11 @@ from pytorch_metric_learning.losses import (
 )
 from pytorch_metric_learning.miners import MultiSimilarityMiner, TripletMarginMiner
 
+from retrieval.config import config_from_dict, load_config
+from retrieval.distances import COSINE, DISTANCES, L2, SQUARED_L2
 from retrieval.errors import ConfigError
-from retrieval.losses import LOSSES, create_loss
+from retrieval.losses import LOSSES, LossFamily, build_loss, create_loss, describe_loss
+from retrieval.losses.settings import settings_of
 from retrieval.negatives import create_negative_sampler
 
 Rows = list[list[float]]
@@ -179,7 +182,7 @@ def test_random_negatives_never_positive_and_cover_every_candidate() -> None:
 
 # ---------------------------------------------------------------- regression
 def test_sigmoid_ce_hand_value_embed_and_state() -> None:
-    loss = create_loss("sigmoid-ce")
+    loss = create_loss("sigmoid-ce", embedding_dim=2)
     with pytest.raises(ConfigError):
         loss(t64([[0.0, 0.0]]), t64([[0.0, 0.0]]))
     loss.prepare(t64([[0.0, -2.0], [4.0, 2.0], [2.0, 0.0]]))  # min (0, -2), span (4, 4)
@@ -197,7 +200,7 @@ def test_sigmoid_ce_hand_value_embed_and_state() -> None:
     check(loss, [[0.0, 1.0], [2.0, -1.0]], captions, [0, 1], reference)
     logits = torch.logit(t64([[0.25, 0.5], [0.9, 0.1]]))
     assert torch.allclose(loss.embed(logits), t64([[1.0, 0.0], [3.6, -1.6]]))
-    restored = create_loss("sigmoid-ce")
+    restored = create_loss("sigmoid-ce", embedding_dim=2)
     restored.load_state_dict(loss.state_dict())
     assert torch.allclose(restored.embed(logits), loss.embed(logits))
 
@@ -403,8 +406,10 @@ def test_triplet_offline_bank_value_fallback_and_refresh() -> None:
     pooled = create_loss("triplet-offline", bank_size=1, pool_size=2, seed=1)
     pooled.prepare(training)
     banks = set()
-    for _ in range(20):
-        pooled.refresh_bank()
+    for epoch in range(1, 21):
+        before = pooled.bank
+        pooled.on_epoch_start(epoch)
+        assert (pooled.bank is before) == (epoch == 1)  # prepare() made the first epoch's bank
         banks.add(tuple(pooled.bank.squeeze(1).tolist()))
     assert len(banks) > 1  # a fresh random pool each epoch
 
@@ -541,7 +546,7 @@ def test_every_loss_trains_on_a_random_batch(name: str) -> None:
     generator = torch.Generator().manual_seed(7)
     training = torch.randn(32, 6, generator=generator)
     needs_classes = LOSSES.get(name).needs_classes
-    loss = create_loss(name, **({"num_classes": 3} if needs_classes else {}))
+    loss = create_loss(name, num_classes=3, embedding_dim=6)  # the builder's values; a loss takes what it needs
     loss.prepare(training)
     images = torch.randn(8, 6, generator=generator, requires_grad=True)
     captions = training[:8].clone().requires_grad_(True)
@@ -558,8 +563,9 @@ def test_every_loss_trains_on_a_random_batch(name: str) -> None:
 
 @pytest.mark.parametrize("name", LOSSES.names())
 def test_every_loss_reloads_from_its_state_dict_without_prepare(name: str) -> None:
-    # what retrieval.checkpoint does at search time: create_loss(...) then load_state_dict(...)
-    kwargs = {"num_classes": 3} if LOSSES.get(name).needs_classes else {}
+    # what retrieval.checkpoint does at search time: build the loss (sized by class count and
+    # embedding size), then load_state_dict(...), with no prepare()
+    kwargs = {"num_classes": 3, "embedding_dim": 5}
     generator = torch.Generator().manual_seed(8)
     training, outputs = torch.randn(16, 5, generator=generator), torch.randn(4, 5, generator=generator)
     trained = create_loss(name, **kwargs)
@@ -567,10 +573,155 @@ def test_every_loss_reloads_from_its_state_dict_without_prepare(name: str) -> No
     restored = create_loss(name, **kwargs)
     restored.load_state_dict(trained.state_dict())
     assert torch.allclose(restored.embed(outputs), trained.embed(outputs))
-    assert restored.search_metric in ("l2", "cosine")
-    if restored.search_metric == "cosine":  # search compares unit vectors
+    assert restored.distance in DISTANCES.values()
+    if restored.distance is COSINE:  # search compares unit vectors
         assert torch.allclose(restored.embed(outputs).norm(dim=1), torch.ones(4))
-    if kwargs:
+    if LOSSES.get(name).needs_classes:
         labels = torch.tensor([0, 1, 2, 0])
         values = [loss(outputs, training[:4], labels).value for loss in (restored, trained)]
         assert torch.allclose(*values)
+
+
+# ---------------------------------------------------------------- settings: from the config to the loss
+# A non-default value for every setting of every registered loss (a new setting must be added here).
+CHANGED_SETTINGS = {
+    "arcface": {"margin": 10.0, "scale": 16.0},
+    "center": {"weight": 0.5},
+    "circle": {"m": 0.2, "gamma": 20.0},
+    "contrastive": {"margin": 2.5, "normalize": True},
+    "cosine": {},
+    "double-margin": {"pos_margin": 0.25, "neg_margin": 2.0, "normalize": True},
+    "histogram": {"n_bins": 10},
+    "mse": {},
+    "multi-similarity": {"threshold": 0.2, "epsilon": 0.5, "alpha": 4.0, "beta": 10.0},
+    "quadruplet": {"margin": 1.5, "second_margin": 0.2, "squared": True},
+    "sigmoid-ce": {},
+    "softmax-ce": {},
+    "triplet": {"margin": 2.5, "squared": True, "negatives": "random"},
+    "triplet-mined": {"margin": 2.5, "mining": "hard", "squared": True},
+    "triplet-offline": {"margin": 2.5, "squared": True, "bank_size": 2, "pool_size": 24},
+}
+
+
+def configured_loss(name: str, **settings):
+    """A loss built as a run builds it: YAML-like values through the config, then ``build_loss``."""
+    config = config_from_dict({"loss": {"name": name, **settings}})
+    return build_loss(config.loss, seed=0, num_classes=3, embedding_dim=6)
+
+
+def behaviour(loss) -> tuple[float, ...]:
+    """What a loss does on a fixed batch: its value, logged signals and search-space embedding."""
+    generator = torch.Generator().manual_seed(11)
+    training = torch.randn(32, 6, generator=generator)
+    images = torch.randn(9, 6, generator=generator)
+    loss.prepare(training)
+    loss.on_epoch_start(1)
+    output = loss(images, training[:9], torch.arange(9) % 3)
+    embedded = loss.embed(images)
+    return (round(output.value.item(), 6), output.active_fraction, round(output.mean_pos_distance, 6),
+            round(output.mean_neg_distance, 6), round(float(embedded.norm()), 6))
+
+
+def test_the_settings_table_covers_every_setting_of_every_registered_loss() -> None:
+    assert set(CHANGED_SETTINGS) <= set(LOSSES.names())
+    for name in LOSSES.names():
+        assert list(CHANGED_SETTINGS.get(name, {})) == list(settings_of(LOSSES.get(name))), name
+
+
+@pytest.mark.parametrize("name,setting", [(n, s) for n, changed in CHANGED_SETTINGS.items() for s in changed])
+def test_every_setting_of_every_loss_takes_effect(name: str, setting: str) -> None:
+    value = CHANGED_SETTINGS[name][setting]
+    default = configured_loss(name)
+    changed = configured_loss(name, **{setting: value})
+    assert behaviour(changed) != behaviour(default), f"{name}: {setting}={value!r} changed nothing"
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_rejects_an_unknown_setting_in_one_line(name: str) -> None:
+    valid = list(settings_of(LOSSES.get(name)))
+    for attempt in (lambda: configured_loss(name, marign=1.0), lambda: create_loss(name, marign=1.0)):
+        with pytest.raises(ConfigError) as error:
+            attempt()
+        message = str(error.value)
+        assert "\n" not in message and f"loss {name!r}" in message and "'marign'" in message
+        assert f"its settings: {', '.join(valid) or 'none'}" in message
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_declares_its_family_and_distance(name: str) -> None:
+    loss = configured_loss(name)
+    assert isinstance(LOSSES.get(name).family, LossFamily)
+    assert loss.distance in DISTANCES.values()
+
+
+def test_a_margin_set_in_the_config_reaches_every_margin_loss() -> None:
+    # the bug this guards against: loss.margin reached only "triplet"; every other loss kept 1.0
+    labels = [0, 1, 2, 2]
+    quadruplet = load_config(None, ["loss.name=quadruplet", "loss.margin=3.0"])
+    loss = build_loss(quadruplet.loss, seed=0, num_classes=None, embedding_dim=2)
+    assert loss.margin == 3.0
+    check(loss, MINED_IMAGES, MINED_CAPTIONS, labels,
+          lambda rows: ref_quadruplet(rows, MINED_CAPTIONS, labels, 3.0, 0.5))
+
+    mined = load_config(None, ["loss.name=triplet-mined", "loss.margin=2.5"])
+    loss = build_loss(mined.loss, seed=0, embedding_dim=2)
+    assert loss.margin == 2.5
+    check(loss, MINED_IMAGES, MINED_CAPTIONS, labels,
+          lambda rows: ref_mined_triplet(rows, MINED_CAPTIONS, labels, 2.5, "all"))
+
+    offline = load_config(None, ["loss.name=triplet-offline", "loss.margin=4.0", "loss.bank_size=1"])
+    loss = build_loss(offline.loss, seed=0, embedding_dim=2)
+    assert loss.margin == 4.0
+    loss.prepare(t64([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0], [6.0, 0.0]]))  # farthest: 3, 3, 0, 0
+    images, captions = [[0.0, 1.0], [5.0, 1.0]], [[0.0, 0.0], [5.0, 0.0]]  # negatives (6, 0) and (0, 0)
+    check(loss, images, captions, [0, 1], lambda rows: sum(
+        max(0.0, 4.0 + dist(f, t) - dist(f, n)) for f, t, n in zip(rows, captions, [[6.0, 0.0], [0.0, 0.0]])) / 2)
+
+    triplet = load_config(None, ["loss.margin=2.0"])  # the default loss, triplet
+    loss = build_loss(triplet.loss, seed=0, embedding_dim=2)
+    output, _ = run(loss, TRIPLET_IMAGES, TRIPLET_CAPTIONS, None)
+    assert output.value.item() == pytest.approx(ref_triplet_hard(TRIPLET_IMAGES, TRIPLET_CAPTIONS, [0, 1, 2], 2.0))
+
+
+def test_squared_switches_the_distance_everywhere() -> None:
+    assert configured_loss("triplet").distance is L2
+    squared = configured_loss("triplet", squared=True)
+    assert squared.distance is SQUARED_L2
+    output, _ = run(squared, TRIPLET_IMAGES, TRIPLET_CAPTIONS, None)
+    assert output.mean_pos_distance == pytest.approx(
+        sum(dist(f, t) ** 2 for f, t in zip(TRIPLET_IMAGES, TRIPLET_CAPTIONS)) / 3)
+
+
+def test_settings_out_of_range_or_contradicting_are_refused_in_one_line() -> None:
+    cases = [({"name": "triplet", "margin": -0.5}, "loss.margin: must be >= 0.0"),
+             ({"name": "histogram", "n_bins": 1}, "loss.n_bins: must be >= 2"),
+             ({"name": "circle", "gamma": 0}, "loss.gamma: must be > 0.0"),
+             ({"name": "quadruplet", "second_margin": 2.0}, "second_margin <= margin"),
+             ({"name": "double-margin", "pos_margin": 2.0}, "pos_margin < neg_margin"),
+             ({"name": "triplet-offline", "pool_size": 8}, "bank_size < pool_size"),
+             ({"name": "triplet", "negatives": "hardest"}, "loss.negatives: unknown negative sampler"),
+             ({"name": "triplet-mined", "mining": "hardest"}, "loss.mining: unknown triplet mining"),
+             ({"name": "triplet", "squared": "yes"}, "loss.squared: expected bool")]
+    for section, needle in cases:
+        with pytest.raises(ConfigError) as error:
+            config_from_dict({"loss": section})
+        assert needle in str(error.value) and "\n" not in str(error.value), section
+
+
+def test_builder_values_are_not_settings() -> None:
+    for injected in ("seed", "num_classes", "embedding_dim"):
+        with pytest.raises(ConfigError, match="has no setting"):
+            config_from_dict({"loss": {"name": "triplet-offline", injected: 3}})
+    with pytest.raises(ConfigError, match="needs num_classes") as error:
+        build_loss(config_from_dict({"loss": {"name": "arcface"}}).loss, seed=0, num_classes=None, embedding_dim=4)
+    assert "\n" not in str(error.value)
+    arcface = build_loss(config_from_dict({"loss": {"name": "arcface"}}).loss, num_classes=5, embedding_dim=4)
+    assert tuple(arcface.pml_loss.W.shape) == (4, 5)  # sized when built: a checkpoint loads straight into it
+    assert tuple(configured_loss("center").centers.shape) == (3, 6)
+    assert tuple(configured_loss("sigmoid-ce").low.shape) == (6,)
+
+
+def test_describe_loss_lists_every_setting_in_effect() -> None:
+    config = load_config(None, ["loss.name=quadruplet", "loss.margin=0.8"])
+    assert describe_loss(config.loss) == "quadruplet (margin=0.8, second_margin=0.5, squared=False)"
+    assert describe_loss(load_config(None, ["loss={name: mse}"]).loss) == "mse"

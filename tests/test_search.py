@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from retrieval.checkpoint import load_checkpoint
-from retrieval.data import list_shards
-from retrieval.errors import ConfigError, QueryError
+from retrieval.config import LossConfig
+from retrieval.data import iter_samples, list_shards
+from retrieval.errors import ConfigError, DataError, QueryError
 from retrieval.indexing import build_index
 from retrieval.rundir import RunDir
 from retrieval.search import Searcher
@@ -83,3 +84,64 @@ def test_index_from_another_model_is_refused(searcher, trained_run, tmp_path):
     with pytest.raises(ConfigError, match="model") as error:
         Searcher.open(run.checkpoint("best.pt"), searcher.index_dir)
     assert "\n" not in str(error.value)
+
+
+def copy_checkpoint(trained_run, folder, change):
+    """The trained run's best checkpoint, changed by ``change(state)``, as ``folder/checkpoints/best.pt``."""
+    state = torch.load(trained_run.best_checkpoint, weights_only=False)
+    change(state)
+    path = folder / "checkpoints" / "best.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return path
+
+
+def test_index_metric_is_honoured_by_the_index_and_the_search(trained_run, sample_shards, tmp_path):
+    def cosine(state):
+        state["config"]["index"]["metric"] = "cosine"  # the demo's triplet loss compares by l2
+
+    path = copy_checkpoint(trained_run, tmp_path, cosine)
+    model = load_checkpoint(path)
+    shards = list_shards(sample_shards, "val")
+    out = build_index(model, shards, tmp_path / "index", metric=model.config.index.metric)
+    searcher = Searcher.open(path, out)
+    assert searcher.images.metric == searcher.captions.metric == "ip" and searcher.distance.name == "cosine"
+    query = searcher.text_vector("a pizza on a table")
+    unit = query / np.linalg.norm(query)
+    np.testing.assert_allclose(searcher._query(query)[0], unit, rtol=1e-6)
+    hits = searcher.text_to_image("a pizza on a table", k=25)
+    embeddings = {}
+    for sample in iter_samples(shards):
+        vector = model.embed_images(searcher.transform(sample.image).unsqueeze(0))[0].numpy()
+        embeddings[sample.key] = float(vector @ unit / np.linalg.norm(vector))
+    assert [h.key for h in hits] == sorted(embeddings, key=lambda key: -embeddings[key])
+    assert [h.score for h in hits] == pytest.approx([embeddings[h.key] for h in hits], abs=1e-5)
+    stale = build_index(model, shards, tmp_path / "stale", metric="l2")  # not what the run's config says
+    with pytest.raises(DataError, match="rebuild") as error:
+        Searcher.open(path, stale)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="index.metric"):
+        build_index(model, shards, tmp_path / "bad", metric="euclid")
+
+
+def test_checkpoints_in_the_old_loss_format_still_load(trained_run, tmp_path):
+    def old_triplet(state):  # before loss settings sat beside the name
+        state["config"]["loss"] = {"name": "triplet", "margin": 0.4, "squared": False, "negatives": "hard",
+                                   "params": {}}
+
+    model = load_checkpoint(copy_checkpoint(trained_run, tmp_path / "triplet", old_triplet))
+    assert model.config.loss == LossConfig("triplet", {"margin": 0.4, "squared": False, "negatives": "hard"})
+    assert model.loss.margin == 0.4
+    reference = load_checkpoint(trained_run.best_checkpoint)
+    pixels = torch.rand(2, 3, 64, 64)
+    assert torch.equal(model.embed_images(pixels), reference.embed_images(pixels))
+
+    def old_sigmoid(state):  # the triplet fields were written for every loss, and ignored by the others
+        state["config"]["loss"] = {"name": "sigmoid-ce", "margin": 1.0, "squared": False, "negatives": "hard",
+                                   "params": {}}
+        state["loss"] = {"low": torch.full((50,), -2.0), "span": torch.full((50,), 4.0)}
+
+    model = load_checkpoint(copy_checkpoint(trained_run, tmp_path / "sigmoid", old_sigmoid))
+    assert model.config.loss == LossConfig("sigmoid-ce", {}) and model.loss.low.shape == (50,)
+    outputs = reference.encoder(pixels)
+    assert torch.allclose(model.embed_images(pixels), torch.sigmoid(outputs) * 4.0 - 2.0)

@@ -5,16 +5,33 @@ A loss receives a batch of image embeddings ``f(i)`` (B, D), the batch's caption
 belong together (image identity by default, a class id where the data has classes): image ``a``
 and caption ``b`` are a positive pair iff ``labels[a] == labels[b]``. The caption vectors are
 targets and never receive gradients.
+
+A loss also owns its geometry and its settings: :attr:`distance` is how embeddings are compared
+in training, evaluation and search; the keyword arguments of ``__init__`` are the settings a config
+may give (see :mod:`retrieval.losses.settings`); :attr:`family` groups it for comparisons.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
+from retrieval.distances import L2, Distance
 from retrieval.errors import ConfigError
+
+
+class LossFamily(enum.StrEnum):
+    """What kind of objective a loss is; comparisons group variants by it."""
+
+    TRIPLET = "triplet"  # anchor, positive and negative distances (triplet, mined, offline, quadruplet)
+    CROSS_ENTROPY = "cross-entropy"  # a cross-entropy on the image output (sigmoid-ce, softmax-ce)
+    PAIR = "pair"  # every positive and negative (image, caption) pair (contrastive, multi-similarity, ...)
+    PROXY = "proxy"  # learnable class proxies (center, ArcFace)
+    REGRESSION = "regression"  # the output regressed onto its own caption vector (mse, cosine)
 
 
 @dataclass(frozen=True)
@@ -41,12 +58,23 @@ class LossOutput:
 
 
 class CrossModalLoss(nn.Module):
-    """Base class: owns input checks; subclasses implement :meth:`compute`."""
+    """Base class: owns input checks and the hooks; subclasses implement :meth:`compute`."""
 
+    #: what kind of objective this is (every registered loss declares it)
+    family: ClassVar[LossFamily]
     #: losses that need class labels (softmax cross-entropy, center loss, ArcFace) set this.
-    needs_classes: bool = False
-    #: how search compares embeddings: ``l2`` distance, or ``cosine`` (both sides L2-normalised).
-    search_metric: str = "l2"
+    needs_classes: ClassVar[bool] = False
+    #: how embeddings are compared: in the loss, in evaluation and in search (a loss whose settings
+    #: change it, e.g. ``squared``, sets it in ``__init__``)
+    distance: Distance = L2
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        """Rules that join settings (e.g. ``second_margin <= margin``): raise a one-line ConfigError.
+
+        ``settings`` holds every setting, defaults filled in. Called when a config is loaded and
+        before the loss is built; a single setting's type and range come from its annotation.
+        """
 
     def forward(
         self,
@@ -75,6 +103,13 @@ class CrossModalLoss(nn.Module):
     def prepare(self, caption_vectors: torch.Tensor) -> None:
         """Hook called once before training with every training caption vector (default: nothing)."""
 
-    def embed(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Map network outputs into the caption-vector space used for search (default: identity)."""
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook called before each training epoch (1-based), e.g. to refresh a negative bank (default: nothing)."""
+
+    def outputs_to_embedding(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Map network outputs into caption-vector space (default: identity; sigmoid-ce rescales)."""
         return outputs
+
+    def embed(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Network outputs as search-space embeddings: caption-vector space, then the distance's mapping."""
+        return self.distance.to_search_space(self.outputs_to_embedding(outputs))

@@ -1,8 +1,8 @@
 """``center`` (Wen et al. 2016): softmax cross-entropy plus a pull toward learnable class centers.
 
 Base term: the ``softmax-ce`` head (as in the paper), so the loss owns a linear classifier *and*
-a (num_classes, D) center matrix; **the trainer must add ``loss.parameters()`` to the optimizer**
-and build it after :meth:`prepare` when ``embedding_dim`` was not given. The centers start at zero
+a (num_classes, D) center matrix; **the trainer must add ``loss.parameters()`` to the optimizer**.
+The centers start at zero
 and are updated by the optimizer through the gradient of the center term (the paper's separate
 center learning rate ``alpha`` becomes the optimizer's rate times ``weight``). Written here:
 pytorch-metric-learning has no center loss. Caption vectors are not used by the value.
@@ -13,15 +13,13 @@ caption vector of the batch, positive iff the class labels match.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.errors import ConfigError
-from retrieval.losses.base import CrossModalLoss, LossOutput
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
 from retrieval.losses.registry import LOSSES
+from retrieval.losses.settings import NonNegativeFloat
 from retrieval.losses.softmax_ce import SoftmaxCrossEntropyLoss, check_labels, l2_pair_stats, require_num_classes
 
 
@@ -29,33 +27,18 @@ from retrieval.losses.softmax_ce import SoftmaxCrossEntropyLoss, check_labels, l
 class CenterLoss(CrossModalLoss):
     """``CE(W f(i) + b, y) + weight * 1/2 ||f(i) - c_y||^2`` (both terms averaged over the batch)."""
 
+    family = LossFamily.PROXY
     needs_classes = True
 
-    def __init__(self, num_classes: int | None = None, embedding_dim: int | None = None, weight: float = 0.003) -> None:
+    def __init__(self, num_classes: int, embedding_dim: int, weight: NonNegativeFloat = 0.003) -> None:
         super().__init__()
         self.num_classes = require_num_classes("center", num_classes)
         self.weight = weight
         self.softmax = SoftmaxCrossEntropyLoss(self.num_classes, embedding_dim)
-        self.centers: nn.Parameter | None = None
-        if embedding_dim is not None:
-            self.centers = nn.Parameter(torch.zeros(self.num_classes, embedding_dim))
-
-    def prepare(self, caption_vectors: torch.Tensor) -> None:
-        self.softmax.prepare(caption_vectors)
-        if self.centers is None:
-            shape = (self.num_classes, caption_vectors.shape[1])
-            self.centers = nn.Parameter(torch.zeros(shape, device=caption_vectors.device))
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # a checkpoint is loaded into a fresh loss (no prepare): take the centers' shape from it
-        if self.centers is None and prefix + "centers" in state_dict:
-            self.centers = nn.Parameter(torch.empty_like(state_dict[prefix + "centers"]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.centers = nn.Parameter(torch.zeros(self.num_classes, embedding_dim))
 
     def compute(self, image_emb, text_emb, labels):
         check_labels("center", labels, self.num_classes)
-        if self.centers is None:
-            raise ConfigError("loss 'center' needs embedding_dim or prepare(caption_vectors) before training")
         logits = self.softmax.logits(image_emb)
         # Wen et al. 2016: L = L_S + lambda/2 * sum_i ||x_i - c_{y_i}||^2 (here means over the batch)
         center_term = 0.5 * (image_emb - self.centers[labels]).pow(2).sum(dim=1).mean()

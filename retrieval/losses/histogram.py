@@ -10,17 +10,21 @@ Similarities are clamped to [-1, 1] (pml indexes past its last bin at exactly 1)
 
 Logged: distances are cosine distances ``1 - cos``; active fraction = negative pairs more similar
 than the least similar positive pair (the pairs that overlap the positive histogram).
-Search: :meth:`embed` L2-normalises and ``search_metric`` is ``cosine``: search normalises captions and queries too.
+Distance: cosine (search compares unit vectors).
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
+from retrieval.distances import COSINE
 from retrieval.errors import ConfigError
-from retrieval.losses.base import CrossModalLoss, LossOutput
-from retrieval.losses.miners import cosine_matrix, split_pairs
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
+from retrieval.losses.miners import split_pairs
 from retrieval.losses.registry import LOSSES
+from retrieval.losses.settings import AtLeast
 
 
 def soft_histogram(similarities: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -39,19 +43,15 @@ def soft_histogram(similarities: torch.Tensor, n_bins: int) -> torch.Tensor:
 class HistogramLoss(CrossModalLoss):
     """``sum_r h-_r * Phi+_r`` with ``Phi+`` the cumulative positive histogram."""
 
-    search_metric = "cosine"  # embed() is unit-norm; captions and queries are normalised too
+    family = LossFamily.PAIR
+    distance = COSINE
 
-    def __init__(self, n_bins: int = 100) -> None:
+    def __init__(self, n_bins: Annotated[int, AtLeast(2)] = 100) -> None:
         super().__init__()
-        if n_bins < 2:
-            raise ConfigError(f"histogram loss needs n_bins >= 2, got {n_bins}")
         self.n_bins = n_bins
 
-    def embed(self, outputs: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(outputs, dim=1)
-
     def compute(self, image_emb, text_emb, labels):
-        positive, negative = split_pairs(cosine_matrix(image_emb, text_emb), labels)
+        positive, negative = split_pairs(COSINE.similarity(image_emb, text_emb), labels)
         if not len(negative):
             raise ConfigError("histogram loss needs at least two distinct labels in every batch")
         # Ustinova & Lempitsky 2016: L = sum_r h-_r * sum_{q<=r} h+_q

@@ -34,11 +34,6 @@ def split_pairs(matrix: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return matrix[positives], matrix[~positives]
 
 
-def cosine_matrix(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """(B, B) cosine similarity between every image embedding and every caption vector."""
-    return torch.nn.functional.normalize(image_emb, dim=1) @ torch.nn.functional.normalize(text_emb, dim=1).T
-
-
 def triplet_type(name: str) -> str:
     """Validate a triplet type name (``semi-hard`` is accepted for ``semihard``)."""
     name = _ALIASES.get(name, name)

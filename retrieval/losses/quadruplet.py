@@ -15,12 +15,16 @@ of ``(i, j)`` and ``(i, k)``.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
+from retrieval.distances import L2, SQUARED_L2
 from retrieval.errors import ConfigError
-from retrieval.losses.base import CrossModalLoss, LossOutput
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
 from retrieval.losses.miners import hardest_negatives, positive_mask
 from retrieval.losses.registry import LOSSES
+from retrieval.losses.settings import NonNegativeFloat
 
 
 def quadruplet_indices(
@@ -42,16 +46,22 @@ def quadruplet_indices(
 class QuadrupletLoss(CrossModalLoss):
     """Triplet term with margin ``m1`` plus the negative-pair term with margin ``m2`` (< ``m1``)."""
 
-    def __init__(self, margin: float = 1.0, second_margin: float = 0.5, squared: bool = False) -> None:
+    family = LossFamily.TRIPLET
+
+    def __init__(self, margin: NonNegativeFloat = 1.0, second_margin: NonNegativeFloat = 0.5,
+                 squared: bool = False) -> None:
         super().__init__()
-        if second_margin > margin:
-            raise ConfigError(f"quadruplet needs second_margin <= margin, got {second_margin} > {margin}")
         self.margin, self.second_margin, self.squared = margin, second_margin, squared
+        self.distance = SQUARED_L2 if squared else L2
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        if settings["second_margin"] > settings["margin"]:
+            raise ConfigError(f"quadruplet needs second_margin <= margin, got {settings['second_margin']} > "
+                              f"{settings['margin']}")
 
     def compute(self, image_emb, text_emb, labels):
-        distances = torch.cdist(image_emb, text_emb)
-        if self.squared:
-            distances = distances.pow(2)
+        distances = self.distance.matrix(image_emb, text_emb)
         with torch.no_grad():
             i, j, k, l, valid, has_l = quadruplet_indices(distances, labels)
         d_pos, d_neg, d_pair = distances[i, j], distances[i, k], distances[l, k]

@@ -4,36 +4,35 @@ Each row ``b`` regresses ``f(i_b)`` onto ``t_b`` only (labels are used for the l
 alone). Written here: pytorch-metric-learning has no regression losses; each is one line of torch.
 
 Logged distances: over every (image, caption) pair of the batch, positive iff the labels match;
-L2 between ``embed(f(i))`` and ``t`` for ``mse`` and ``sigmoid-ce``, cosine distance
-``1 - cos`` for ``cosine``. Active fraction: rows with a non-zero loss.
+the loss's distance between ``outputs_to_embedding(f(i))`` and ``t``: L2 for ``mse`` and
+``sigmoid-ce``, cosine distance ``1 - cos`` for ``cosine``. Active fraction: rows with a non-zero loss.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
+from retrieval.distances import COSINE
 from retrieval.errors import ConfigError
-from retrieval.losses.base import CrossModalLoss, LossOutput
-from retrieval.losses.miners import cosine_matrix, split_pairs
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
+from retrieval.losses.miners import split_pairs
 from retrieval.losses.registry import LOSSES
 
 
 class _RegressionLoss(CrossModalLoss):
     """Shared body: a per-row loss averaged over the batch, plus all-pair statistics."""
 
+    family = LossFamily.REGRESSION
+
     def per_row(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def pair_distances(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(self.embed(image_emb), text_emb)
 
     def compute(self, image_emb, text_emb, labels):
         per_row = self.per_row(image_emb, text_emb)
         with torch.no_grad():
-            positive, negative = split_pairs(self.pair_distances(image_emb, text_emb), labels)
+            distances = self.distance.matrix(self.outputs_to_embedding(image_emb), text_emb)
+            positive, negative = split_pairs(distances, labels)
         return LossOutput.from_terms(per_row.mean(), per_row > 0, positive, negative)
 
 
@@ -47,18 +46,12 @@ class MSERegressionLoss(_RegressionLoss):
 
 @LOSSES.register("cosine")
 class CosineRegressionLoss(_RegressionLoss):
-    """``1 - cos(f(i), t)``: regresses the direction only; :meth:`embed` returns unit vectors."""
+    """``1 - cos(f(i), t)``: regresses the direction only, so search compares unit vectors."""
 
-    search_metric = "cosine"  # embed() is unit-norm; captions and queries are normalised too
-
-    def embed(self, outputs: torch.Tensor) -> torch.Tensor:
-        return F.normalize(outputs, dim=1)
+    distance = COSINE
 
     def per_row(self, image_emb, text_emb):
-        return 1.0 - F.cosine_similarity(image_emb, text_emb, dim=1)
-
-    def pair_distances(self, image_emb, text_emb):
-        return 1.0 - cosine_matrix(image_emb, text_emb)
+        return self.distance.paired(image_emb, text_emb)
 
 
 @LOSSES.register("sigmoid-ce")
@@ -66,25 +59,30 @@ class SigmoidCrossEntropyLoss(_RegressionLoss):
     """The original recipe's baseline: sigmoid cross-entropy onto the caption vector scaled to [0, 1].
 
     ``prepare`` records each dimension's min and max over the training captions; the target is
-    ``(t - min) / (max - min)`` and :meth:`embed` maps ``sigmoid(output)`` back to vector scale.
-    The min and span are buffers, so they travel with ``state_dict`` to search time.
+    ``(t - min) / (max - min)`` and :meth:`outputs_to_embedding` maps ``sigmoid(output)`` back to
+    vector scale. The min and span are buffers of ``embedding_dim`` values (NaN until ``prepare``),
+    so they travel with ``state_dict`` to search time.
     """
 
-    def __init__(self) -> None:
+    family = LossFamily.CROSS_ENTROPY
+
+    def __init__(self, embedding_dim: int) -> None:
         super().__init__()
-        self.register_buffer("low", torch.empty(0))
-        self.register_buffer("span", torch.empty(0))
+        self.register_buffer("low", torch.full((embedding_dim,), float("nan")))
+        self.register_buffer("span", torch.full((embedding_dim,), float("nan")))
 
     def prepare(self, caption_vectors: torch.Tensor) -> None:
         vectors = caption_vectors.detach()
+        if vectors.shape[1] != self.low.numel():
+            raise ConfigError(f"loss 'sigmoid-ce' was built for {self.low.numel()} dims, got {vectors.shape[1]}")
         self.low = vectors.min(dim=0).values.clone()
         self.span = (vectors.max(dim=0).values - self.low).clamp_min(1e-12)
 
     def _scale(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.low.numel() == 0:
+        if bool(self.low.isnan().any()):
             raise ConfigError("loss 'sigmoid-ce' needs prepare(caption_vectors) before training or search")
         if self.low.numel() != like.shape[1]:
-            raise ConfigError(f"loss 'sigmoid-ce' was prepared for {self.low.numel()} dims, got {like.shape[1]}")
+            raise ConfigError(f"loss 'sigmoid-ce' was built for {self.low.numel()} dims, got {like.shape[1]}")
         return self.low.to(like), self.span.to(like)
 
     def target(self, text_emb: torch.Tensor) -> torch.Tensor:
@@ -96,13 +94,7 @@ class SigmoidCrossEntropyLoss(_RegressionLoss):
         target = self.target(text_emb)
         return F.binary_cross_entropy_with_logits(image_emb, target, reduction="none").mean(dim=1)
 
-    def embed(self, outputs: torch.Tensor) -> torch.Tensor:
+    def outputs_to_embedding(self, outputs: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(output)`` mapped back from [0, 1] to each dimension's caption-vector range."""
         low, span = self._scale(outputs)
         return torch.sigmoid(outputs) * span + low
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # the buffers' size is only known after prepare(); take it from the checkpoint
-        for name in ("low", "span"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,8 +1,8 @@
 """``softmax-ce``: softmax cross-entropy over classes through a linear head owned by the loss.
 
-The head has learnable parameters: **the trainer must add ``loss.parameters()`` to the optimizer**
-(and build the optimizer after :meth:`prepare`, which creates the head when ``embedding_dim`` was
-not given). Written here: it is ``nn.Linear`` + ``F.cross_entropy``; nothing to wrap.
+The head has learnable parameters, sized by the class count and embedding size the builder
+passes: **the trainer must add ``loss.parameters()`` to the optimizer**. Written here: it is
+``nn.Linear`` + ``F.cross_entropy``; nothing to wrap.
 
 Logged: active fraction = rows the head misclassifies; distances = L2 between ``f(i)`` and every
 caption vector of the batch, positive iff the class labels match.
@@ -10,22 +10,19 @@ caption vector of the batch, positive iff the class labels match.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrieval.distances import L2
 from retrieval.errors import ConfigError
-from retrieval.losses.base import CrossModalLoss, LossOutput
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
 from retrieval.losses.miners import split_pairs
 from retrieval.losses.registry import LOSSES
 
 
-def require_num_classes(name: str, num_classes: int | None) -> int:
-    """A class loss's ``num_classes``, or a one-line ConfigError when it is missing or invalid."""
-    if num_classes is None:
-        raise ConfigError(f"loss {name!r} needs num_classes (it trains on class labels)")
+def require_num_classes(name: str, num_classes: int) -> int:
+    """A class loss's ``num_classes``, or a one-line ConfigError when it is invalid."""
     if int(num_classes) < 2:
         raise ConfigError(f"loss {name!r} needs num_classes >= 2, got {num_classes}")
     return int(num_classes)
@@ -41,37 +38,23 @@ def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
 def l2_pair_stats(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor):
     """Positive and negative (image, caption) L2 distances over the whole batch (no grad)."""
     with torch.no_grad():
-        return split_pairs(torch.cdist(image_emb, text_emb), labels)
+        return split_pairs(L2.matrix(image_emb, text_emb), labels)
 
 
 @LOSSES.register("softmax-ce")
 class SoftmaxCrossEntropyLoss(CrossModalLoss):
     """Cross-entropy of a linear classifier on ``f(i)``; ignores the caption vectors."""
 
+    family = LossFamily.CROSS_ENTROPY
     needs_classes = True
 
-    def __init__(self, num_classes: int | None = None, embedding_dim: int | None = None) -> None:
+    def __init__(self, num_classes: int, embedding_dim: int) -> None:
         super().__init__()
         self.num_classes = require_num_classes("softmax-ce", num_classes)
-        self.head: nn.Linear | None = None
-        if embedding_dim is not None:
-            self.head = nn.Linear(embedding_dim, self.num_classes)
-
-    def prepare(self, caption_vectors: torch.Tensor) -> None:
-        if self.head is None:
-            self.head = nn.Linear(caption_vectors.shape[1], self.num_classes).to(caption_vectors.device)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # a checkpoint is loaded into a fresh loss (no prepare): build the head from its shape
-        weight = state_dict.get(prefix + "head.weight")
-        if self.head is None and weight is not None:
-            self.head = nn.Linear(weight.shape[1], weight.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.head = nn.Linear(embedding_dim, self.num_classes)
 
     def logits(self, image_emb: torch.Tensor) -> torch.Tensor:
         """Class scores ``W f(i) + b``."""
-        if self.head is None:
-            raise ConfigError("loss 'softmax-ce' needs embedding_dim or prepare(caption_vectors) before training")
         return self.head(image_emb)
 
     def compute(self, image_emb, text_emb, labels):

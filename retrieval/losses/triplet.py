@@ -7,39 +7,35 @@ because the negative is chosen from the *text* side's geometry, which its miners
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from retrieval.losses.base import CrossModalLoss, LossOutput
+from retrieval.distances import L2, SQUARED_L2
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
 from retrieval.losses.registry import LOSSES
-from retrieval.negatives import NegativeSampler, create_negative_sampler
-
-
-def pairwise_distance(a: torch.Tensor, b: torch.Tensor, squared: bool) -> torch.Tensor:
-    """Row-wise L2 (or squared L2) distance between two (B, D) tensors."""
-    squared_distance = (a - b).pow(2).sum(dim=1)
-    return squared_distance if squared else squared_distance.clamp_min(1e-12).sqrt()
+from retrieval.losses.settings import CheckedBy, NonNegativeFloat
+from retrieval.negatives import NEGATIVE_SAMPLERS, create_negative_sampler
 
 
 @LOSSES.register("triplet")
 class TextAnchoredTripletLoss(CrossModalLoss):
-    """Triplet loss with a word-vector-space negative per image."""
+    """Triplet loss with a word-vector-space negative per image (``squared``: squared L2 distances)."""
 
-    def __init__(
-        self,
-        margin: float = 1.0,
-        squared: bool = False,
-        negatives: str | NegativeSampler = "hard",
-        seed: int = 0,
-    ) -> None:
+    family = LossFamily.TRIPLET
+
+    def __init__(self, margin: NonNegativeFloat = 1.0, squared: bool = False,
+                 negatives: Annotated[str, CheckedBy(NEGATIVE_SAMPLERS.get)] = "hard", seed: int = 0) -> None:
         super().__init__()
         self.margin = margin
         self.squared = squared
-        self.sampler = create_negative_sampler(negatives) if isinstance(negatives, str) else negatives
+        self.distance = SQUARED_L2 if squared else L2
+        self.sampler = create_negative_sampler(negatives)
         self.generator = torch.Generator().manual_seed(seed)
 
     def compute(self, image_emb, text_emb, labels):
         negative_index = self.sampler(text_emb, labels, self.generator)
-        d_pos = pairwise_distance(image_emb, text_emb, self.squared)
-        d_neg = pairwise_distance(image_emb, text_emb[negative_index], self.squared)
+        d_pos = self.distance.paired(image_emb, text_emb)
+        d_neg = self.distance.paired(image_emb, text_emb[negative_index])
         per_triplet = torch.relu(self.margin + d_pos - d_neg)
         return LossOutput.from_terms(per_triplet.mean(), per_triplet > 0, d_pos, d_neg)

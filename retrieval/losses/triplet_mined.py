@@ -14,27 +14,33 @@ pair of the batch.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from retrieval.losses.base import CrossModalLoss, LossOutput
+from retrieval.distances import L2, SQUARED_L2
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
 from retrieval.losses.miners import split_pairs, triplet_selection, triplet_type
 from retrieval.losses.registry import LOSSES
+from retrieval.losses.settings import CheckedBy, NonNegativeFloat
 
 
 @LOSSES.register("triplet-mined")
 class MinedTripletLoss(CrossModalLoss):
     """``[d(f_a, t_p) - d(f_a, t_n) + m]_+`` averaged over mined triplets with non-zero loss."""
 
-    def __init__(self, margin: float = 1.0, mining: str = "all", squared: bool = False) -> None:
+    family = LossFamily.TRIPLET
+
+    def __init__(self, margin: NonNegativeFloat = 1.0, mining: Annotated[str, CheckedBy(triplet_type)] = "all",
+                 squared: bool = False) -> None:
         super().__init__()
         self.margin = margin
         self.mining = triplet_type(mining)
         self.squared = squared
+        self.distance = SQUARED_L2 if squared else L2
 
     def compute(self, image_emb, text_emb, labels):
-        distances = torch.cdist(image_emb, text_emb)
-        if self.squared:
-            distances = distances.pow(2)
+        distances = self.distance.matrix(image_emb, text_emb)
         with torch.no_grad():
             (anchor, positive, negative), keep = triplet_selection(
                 distances, labels, labels, self.margin, self.mining

@@ -1,7 +1,7 @@
 """``triplet-offline``: the text-anchored triplet with negatives from a precomputed far-caption bank.
 
-:meth:`prepare` stores every training caption vector; :meth:`refresh_bank` (the trainer calls it
-once per epoch) keeps, for each training caption, the ``bank_size`` farthest caption vectors in
+:meth:`prepare` stores every training caption vector; :meth:`refresh_bank` (at the start of
+every epoch after the first, through :meth:`on_epoch_start`) keeps, for each training caption, the ``bank_size`` farthest caption vectors in
 word-vector space, searched among all captions or, with ``pool_size``, among a fresh random pool
 of that many captions (what makes a per-epoch refresh change anything: the vectors are frozen).
 Each batch row's negative ``t-`` is drawn uniformly from its caption's bank, so it can come from
@@ -18,13 +18,16 @@ Logged: active fraction = rows with non-zero loss; distances = L2 to ``t+`` and 
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
+from retrieval.distances import L2, SQUARED_L2
 from retrieval.errors import ConfigError
-from retrieval.losses.base import CrossModalLoss, LossOutput
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
 from retrieval.losses.miners import farthest_bank, sample_from_bank
 from retrieval.losses.registry import LOSSES
-from retrieval.losses.triplet import pairwise_distance
+from retrieval.losses.settings import NonNegativeFloat, PositiveInt
 from retrieval.negatives import HardNegatives
 
 
@@ -38,31 +41,42 @@ def _row_keys(vectors: torch.Tensor) -> list[bytes]:
 class OfflineBankTripletLoss(CrossModalLoss):
     """``[m + d(f(i), t+) - d(f(i), t-)]_+`` with ``t-`` drawn from ``t+``'s far-caption bank."""
 
+    family = LossFamily.TRIPLET
+
     def __init__(
         self,
-        margin: float = 1.0,
+        margin: NonNegativeFloat = 1.0,
         squared: bool = False,
-        bank_size: int = 16,
-        pool_size: int | None = None,
+        bank_size: PositiveInt = 16,
+        pool_size: PositiveInt | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if bank_size < 1 or (pool_size is not None and pool_size <= bank_size):
-            raise ConfigError(f"triplet-offline needs 1 <= bank_size < pool_size, got {bank_size} and {pool_size}")
         self.margin, self.squared = margin, squared
+        self.distance = SQUARED_L2 if squared else L2
         self.bank_size, self.pool_size = bank_size, pool_size
         self.generator = torch.Generator().manual_seed(seed)
         self.vectors: torch.Tensor | None = None
         self.bank: torch.Tensor | None = None
         self._index: dict[bytes, int] = {}
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        bank_size, pool_size = settings["bank_size"], settings["pool_size"]
+        if pool_size is not None and pool_size <= bank_size:
+            raise ConfigError(f"triplet-offline needs bank_size < pool_size, got {bank_size} and {pool_size}")
+
     def prepare(self, caption_vectors: torch.Tensor) -> None:
         self.vectors = caption_vectors.detach().to("cpu", torch.float32)
         self._index = {key: row for row, key in enumerate(_row_keys(self.vectors))}
         self.refresh_bank()
 
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch > 1:  # prepare() built the first epoch's bank
+            self.refresh_bank()
+
     def refresh_bank(self) -> None:
-        """Recompute every caption's bank of ``bank_size`` farthest captions (call once per epoch)."""
+        """Recompute every caption's bank of ``bank_size`` farthest captions."""
         if self.vectors is None:
             raise ConfigError("loss 'triplet-offline' needs prepare(caption_vectors) before training")
         count = len(self.vectors)
@@ -89,8 +103,8 @@ class OfflineBankTripletLoss(CrossModalLoss):
 
     def compute(self, image_emb, text_emb, labels):
         negative = self.negatives(text_emb, labels)
-        d_pos = pairwise_distance(image_emb, text_emb, self.squared)
-        d_neg = pairwise_distance(image_emb, negative, self.squared)
+        d_pos = self.distance.paired(image_emb, text_emb)
+        d_neg = self.distance.paired(image_emb, negative)
         # the text-anchored triplet of retrieval.losses.triplet: [m + d(f,t+) - d(f,t-)]_+
         per_row = torch.relu(self.margin + d_pos - d_neg)
         return LossOutput.from_terms(per_row.mean(), per_row > 0, d_pos, d_neg)
