@@ -19,13 +19,13 @@ import torch
 from retrieval.compare import CompareSpec, load_compare_config, run_comparison
 from retrieval.config import config_from_dict, config_to_dict
 from retrieval.data import read_manifest
+from retrieval.data.prepare import prepare
 from retrieval.errors import DataError
 from retrieval.report import label, write_report
 from retrieval.train import torch_threads
 
 from pipelines.common import PROJECT_ROOT
 from pipelines.demo import locate_data
-from pipelines.prepare import prepare
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "compare_demo.yaml"
 

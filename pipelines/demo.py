@@ -14,6 +14,7 @@ from pathlib import Path
 
 from retrieval.config import Config
 from retrieval.data import list_shards
+from retrieval.data.prepare import prepare
 from retrieval.embed import caption_pairs
 from retrieval.errors import DataError
 from retrieval.evaluation import chance_report, relevance
@@ -21,7 +22,6 @@ from retrieval.train import fit, read_shard_records
 
 from pipelines.common import PROJECT_ROOT, add_config_args, config_from_args, format_metrics_table
 from pipelines.index import index_run
-from pipelines.prepare import prepare
 from pipelines.search import image_results, open_searcher, text_results
 
 EXAMPLE_QUERIES = ("a pizza on a table", "a man riding a skateboard", "a red bus on the street",

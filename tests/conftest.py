@@ -24,7 +24,7 @@ def demo_config(run_dir: Path, *overrides: str):
 @pytest.fixture(scope="session")
 def sample_shards(tmp_path_factory) -> Path:
     """Shards of the embedded sample (COCO's train/val split), written once per session."""
-    from pipelines.prepare import prepare
+    from retrieval.data.prepare import prepare
 
     run_dir = tmp_path_factory.mktemp("sample")
     prepare(demo_config(run_dir))

@@ -194,7 +194,7 @@ def test_shards_round_trip(fmnist_dir: Path, tmp_path: Path) -> None:
 
 
 def test_prepare_from_config(fmnist_dir: Path, tmp_path: Path) -> None:
-    from pipelines.prepare import prepare
+    from retrieval.data.prepare import prepare
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "configs" / "fashion_mnist.yaml", [
