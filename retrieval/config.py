@@ -20,11 +20,16 @@ from retrieval.io import atomic_path
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the images and captions come from and how they become shards."""
+    """Where the images and captions come from and how they become shards.
+
+    ``source_options`` are the chosen source's own settings (a ``SourceOptions`` dataclass of
+    ``retrieval.data.SOURCES``, e.g. fashion-mnist's ``limit_per_class``); in YAML a mapping,
+    checked against that source when the config is loaded. None means the source's defaults.
+    """
 
     source: str = "jsonl"  # jsonl | csv | coco | img2dataset | fashion-mnist | fashion-mnist-scenes
     path: str = "data/coco-mini/captions.jsonl"
-    image_root: str | None = None
+    source_options: Any = None  # the source's SourceOptions (a mapping in YAML)
     shard_dir: str = "runs/demo/shards"
     shard_size: int = 1000
     split_by: str = "split"  # "hash", or a metadata field holding train/val
@@ -32,10 +37,18 @@ class DataConfig:
     split_seed: int = 0
     image_size: int = 224
     num_workers: int = 0
-    # fashion-mnist sources only (path: the IDX folder, or "default")
-    limit_per_class: int | None = None  # at most this many items per class and split (seeded by split_seed)
-    zero_shot_classes: tuple[str, ...] = ()  # fashion-mnist: classes kept out of training, val only
-    scene_count: int = 20000  # fashion-mnist-scenes: scenes in all (val_fraction of them val)
+
+    def __post_init__(self) -> None:
+        from retrieval.data.sources import make_source_options, source_type  # the data package loads torch
+
+        options = self.source_options
+        if options is None or isinstance(options, dict):
+            options = make_source_options(self.source, options)
+        elif type(options) is not source_type(self.source):
+            raise ConfigError(f"data.source_options: {type(options).__name__} are not the options of "
+                              f"source {self.source!r}")
+        object.__setattr__(self, "source_options", options)
+        options.check(self)
 
 
 @dataclass(frozen=True)
@@ -154,15 +167,41 @@ def _build(cls: type, values: dict, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        hint = _moved_option_hint(values, unknown) if cls is DataConfig else ""
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}{hint}")
     kwargs = {}
     for name, value in values.items():
         path = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], value or {}, path)
+        elif cls is DataConfig and name == "source_options":
+            kwargs[name] = _source_options(values.get("source", DataConfig.source), value, path, f"{where}.source")
         else:
             kwargs[name] = _coerce(value, hints[name], path)
     return cls(**kwargs)
+
+
+def _source_options(source: Any, values: Any, where: str, source_where: str) -> Any:
+    """``data.source_options`` (a mapping) → the typed options of ``data.source``, each option type-checked."""
+    from retrieval.data.sources import make_source_options, source_type
+
+    source_type(source, source_where)
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of the source's options, got {values!r}")
+    return make_source_options(source, values, where=where, coerce=_coerce)
+
+
+def _moved_option_hint(values: dict, unknown: list[str]) -> str:
+    """A note for fields that are options of the chosen source (they belong under ``source_options``)."""
+    from retrieval.data.sources import SOURCES, source_option_names
+
+    source = values.get("source", DataConfig.source)
+    if source not in SOURCES:
+        return ""
+    options = [name for name in unknown if name in source_option_names(source)]
+    if not options:
+        return ""
+    return f" ({', '.join(options)}: options of source {source!r}, set under source_options)"
 
 
 def config_from_dict(values: dict, where: str = "config") -> Config:
@@ -180,7 +219,17 @@ def config_to_dict(config: Config) -> dict:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(config))
+    values = plain(dataclasses.asdict(config))
+    values["data"]["source_options"] = plain(_set_options(config.data.source_options))
+    return values
+
+
+def _set_options(options: Any) -> dict:
+    """The options that differ from the source's defaults: switching ``data.source`` then drops no setting
+    silently (a stale one is refused), and a saved config lists only what was chosen."""
+    defaults = type(options)()
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if getattr(options, f.name) != getattr(defaults, f.name)}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
