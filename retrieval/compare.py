@@ -30,7 +30,7 @@ from retrieval.evaluation import (HeldOutSplit, check_metric_name, full_report, 
                                   model_embeddings, summarize_runs)
 from retrieval.io import write_json
 from retrieval.losses import LOSSES
-from retrieval.targets import build_caption_encoder, load_vectors
+from retrieval.targets import build_caption_encoder, text_side
 from retrieval.train import fit, read_shard_records, resolve_device
 
 RESULTS_FORMAT = "retrieval-compare/1"
@@ -214,7 +214,7 @@ def warm_up_text(spec: CompareSpec) -> dict[str, float]:
             continue
         started = time.perf_counter()
         try:
-            load_vectors(text, spec.out)
+            text_side(text, spec.out).load()
         except (RetrievalError, ImportError, OSError):
             continue  # the variant's own run reports the problem
         seconds[text.vectors] = time.perf_counter() - started
@@ -263,8 +263,7 @@ def conse_run(spec: CompareSpec, variant: VariantSpec, data: _Data) -> dict:
     if data.held_out.classifier is None:
         raise _Skip("the backbone ships no classifier head, which ConSE needs")
     config = spec.config_for(variant, None)
-    vectors = load_vectors(config.text, config.train.run_dir, data.train_captions)
-    encoder = build_caption_encoder(config.text, vectors, data.train_captions)
+    encoder = build_caption_encoder(config.text, config.train.run_dir, data.train_captions)
     started = time.perf_counter()
     embeddings = conse_embeddings(data.held_out.features, data.held_out.classifier, encoder, top_t=variant.top_t)
     wall = time.perf_counter() - started

@@ -32,7 +32,7 @@ from retrieval.io import atomic_path
 from retrieval.losses import LOSSES, create_loss
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
 from retrieval.negatives import NEGATIVE_SAMPLERS
-from retrieval.targets import build_caption_encoder, load_vectors, vectors_fingerprint
+from retrieval.targets import build_caption_encoder
 
 
 @dataclass
@@ -150,8 +150,7 @@ class Trainer:
 
     def _build_text_side(self) -> None:
         train_captions = [c for captions in self.train_set.captions for c in captions]
-        self.vectors = load_vectors(self.config.text, self.run_dir, train_captions)
-        self.caption_encoder = build_caption_encoder(self.config.text, self.vectors, train_captions)
+        self.caption_encoder = build_caption_encoder(self.config.text, self.run_dir, train_captions)
         vectors, owner, stats = caption_pairs(self.train_set.captions, self.caption_encoder.encode_batch)
         tqdm.write(f"train captions: {stats.summary()}")
         self.train_vectors = torch.from_numpy(np.ascontiguousarray(vectors)).float()
@@ -253,7 +252,7 @@ class Trainer:
     def save(self, name: str, epoch: int, metrics: dict) -> Path:
         path = self.run_dir / "checkpoints" / name
         save_checkpoint(path, config=self.config, encoder=self.encoder, loss=self.loss,
-                        caption_encoder=self.caption_encoder, vectors_fingerprint=vectors_fingerprint(self.vectors),
+                        caption_encoder=self.caption_encoder,
                         epoch=epoch, metrics=metrics, num_classes=self.num_classes)
         return path
 
