@@ -108,11 +108,27 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """The faiss index built over the collection's image embeddings."""
+    """The faiss index built over the collection's image embeddings.
+
+    ``params`` is the kind's ``IndexKind`` (``retrieval.index.INDEX_KINDS``) with its build and
+    search parameters; in YAML they sit beside ``kind`` (``index: {kind: ivf, nlist: 1024, nprobe: 32}``)
+    and are checked against that kind when the config is loaded. None means the kind's defaults.
+    """
 
     kind: str = "auto"  # auto | flat | ivf | hnsw
     metric: str = "auto"  # auto (what the loss trained for) | l2 | ip
     split: str = "val"  # which shard split is indexed: train | val | all
+    params: Any = None  # the kind's IndexKind (in YAML: its parameters beside kind)
+
+    def __post_init__(self) -> None:
+        from retrieval.index import index_kind_type, make_index_kind  # faiss only once an index config is built
+
+        params = self.params
+        if params is None or isinstance(params, dict):
+            params = make_index_kind(self.kind, params)
+        elif type(params) is not index_kind_type(self.kind, "index.kind"):
+            raise ConfigError(f"index: {type(params).__name__} holds the parameters of another kind than {self.kind!r}")
+        object.__setattr__(self, "params", params)
 
 
 @dataclass(frozen=True)
@@ -172,7 +188,9 @@ def _build(cls: type, values: dict, where: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         path = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(hints[name]):
+        if hints[name] is IndexConfig:
+            kwargs[name] = _index_config(value or {}, path)
+        elif dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], value or {}, path)
         elif cls is DataConfig and name == "source_options":
             kwargs[name] = _source_options(values.get("source", DataConfig.source), value, path, f"{where}.source")
@@ -189,6 +207,26 @@ def _source_options(source: Any, values: Any, where: str, source_where: str) -> 
     if values is not None and not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of the source's options, got {values!r}")
     return make_source_options(source, values, where=where, coerce=_coerce)
+
+
+def _index_config(values: Any, where: str) -> IndexConfig:
+    """``{kind: ..., metric: ..., split: ..., <kind's parameters>}`` → :class:`IndexConfig`, parameters checked."""
+    from retrieval.index import index_param_names, make_index_kind
+
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{kind: ivf, nlist: 1024}}, got {values!r}")
+    kind = _coerce(values.get("kind", IndexConfig.kind), str, f"{where}.kind")
+    unknown = sorted(set(values) - set(_INDEX_FIELDS) - set(index_param_names(kind, f"{where}.kind")))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(_INDEX_FIELDS)} and "
+                          f"the parameters of index kind {kind!r}: {', '.join(index_param_names(kind)) or 'none'}")
+    general = {name: value for name, value in values.items() if name in _INDEX_FIELDS}
+    params = {name: value for name, value in values.items() if name not in _INDEX_FIELDS}
+    index = _build(IndexConfig, general, where)
+    return dataclasses.replace(index, params=make_index_kind(kind, params, where=where, coerce=_coerce))
+
+
+_INDEX_FIELDS = ("kind", "metric", "split")  # the rest of an index section: the kind's parameters
 
 
 def _moved_option_hint(values: dict, unknown: list[str]) -> str:
@@ -221,12 +259,15 @@ def config_to_dict(config: Config) -> dict:
 
     values = plain(dataclasses.asdict(config))
     values["data"]["source_options"] = plain(_set_options(config.data.source_options))
+    del values["index"]["params"]
+    values["index"].update(plain(_set_options(config.index.params)))  # beside kind
     return values
 
 
 def _set_options(options: Any) -> dict:
-    """The options that differ from the source's defaults: switching ``data.source`` then drops no setting
-    silently (a stale one is refused), and a saved config lists only what was chosen."""
+    """The fields of a source's options (or an index kind's parameters) that differ from their defaults:
+    switching ``data.source`` (``index.kind``) then drops no setting silently (a stale one is refused),
+    and a saved config lists only what was chosen."""
     defaults = type(options)()
     return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
             if getattr(options, f.name) != getattr(defaults, f.name)}

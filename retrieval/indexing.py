@@ -52,13 +52,15 @@ def write_thumbnail(sample: Sample, out_dir: Path) -> str:
     return relative
 
 
-def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, *, kind: str = "auto",
+def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, *, kind: str | None = None,
                 metric: str = "auto", thumbnails: bool = True, device: str = "cpu") -> Path:
     """Embed every image of ``shards`` with ``model`` and write the index directory atomically."""
     out_dir = Path(out_dir)
     metric = search_metric(model, metric)
     transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
     stamp = stamp_for(model)
+    if kind in (None, model.config.index.kind):  # the configured kind with its parameters; another kind: its defaults
+        kind = model.config.index.params
     with atomic_dir(out_dir) as tmp:
         thumbs: dict[str, str] = {}
 
