@@ -15,21 +15,19 @@ from retrieval.io import atomic_path
 from retrieval.losses import CrossModalLoss, build_loss
 from retrieval.models import ImageEncoder, create_encoder
 from retrieval.rundir import RunDir
-from retrieval.targets import load_vectors, restore_caption_encoder
-from retrieval.text import CaptionEncoder
-from retrieval.text.sentence import SentenceEncoder
+from retrieval.targets import restore_caption_encoder
+from retrieval.text import TextEncoder
 
 
 def save_checkpoint(path: str | Path, *, config: Config, encoder: ImageEncoder, loss: CrossModalLoss,
-                    caption_encoder: CaptionEncoder | SentenceEncoder, vectors_fingerprint: str, epoch: int,
-                    metrics: dict, num_classes: int | None = None) -> None:
-    """Write a checkpoint atomically (temp file + rename)."""
+                    caption_encoder: TextEncoder, epoch: int, metrics: dict, num_classes: int | None = None) -> None:
+    """Write a checkpoint atomically (temp file + rename); the text side is saved as its state and fingerprint."""
     state = {
         "config": config_to_dict(config),
         "encoder": encoder.state_dict(),
         "loss": loss.state_dict(),
         "caption_encoder": caption_encoder.state_dict(),
-        "vectors_fingerprint": vectors_fingerprint,
+        "vectors_fingerprint": caption_encoder.fingerprint(),
         "num_classes": num_classes,
         "epoch": epoch,
         "metrics": metrics,
@@ -54,7 +52,7 @@ class LoadedModel:
     config: Config
     encoder: ImageEncoder
     loss: CrossModalLoss
-    caption_encoder: CaptionEncoder | SentenceEncoder
+    caption_encoder: TextEncoder
     vectors_fingerprint: str
     checkpoint_fingerprint: str
     epoch: int
@@ -99,8 +97,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
         config = config_from_dict(upgrade_saved_config(state["config"]), str(file))
     except (KeyError, RuntimeError, EOFError, OSError) as error:
         raise DataError(f"checkpoint {file} is not readable ({type(error).__name__})") from None
-    vectors = load_vectors(config.text, RunDir.of_checkpoint(file))
-    caption_encoder = restore_caption_encoder(vectors, state["caption_encoder"])
+    caption_encoder = restore_caption_encoder(config.text, RunDir.of_checkpoint(file), state["caption_encoder"])
     # The checkpoint holds every weight, so the backbone need not load its original file again.
     encoder = create_encoder(dataclasses.replace(config.model, weights="random"), caption_encoder.dim)
     encoder.load_state_dict(state["encoder"])

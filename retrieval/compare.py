@@ -52,7 +52,7 @@ from retrieval.io import write_json
 from retrieval.losses import LOSSES, loss_settings
 from retrieval.rundir import RunDir
 from retrieval.runtime import resolve_device
-from retrieval.targets import build_caption_encoder, load_vectors
+from retrieval.targets import build_caption_encoder, text_side
 from retrieval.train import fit
 
 KINDS = ("train", "conse")
@@ -232,7 +232,7 @@ def warm_up_text(spec: CompareSpec) -> dict[str, float]:
             continue
         started = time.perf_counter()
         try:
-            load_vectors(text, spec.out)
+            text_side(text, spec.out).load()
         except (RetrievalError, ImportError, OSError):
             continue  # the variant's own run reports the problem
         seconds[text.vectors] = time.perf_counter() - started
@@ -297,8 +297,7 @@ def conse_run(spec: CompareSpec, variant: VariantSpec, data: _Data) -> RunResult
     if data.held_out.classifier is None:
         raise _Skip("the backbone ships no classifier head, which ConSE needs")
     config = spec.config_for(variant, None)
-    vectors = load_vectors(config.text, config.train.run_dir, data.train_captions)
-    encoder = build_caption_encoder(config.text, vectors, data.train_captions)
+    encoder = build_caption_encoder(config.text, config.train.run_dir, data.train_captions)
     started = time.perf_counter()
     embeddings = conse_embeddings(data.held_out.features, data.held_out.classifier, encoder, top_t=variant.top_t)
     wall = time.perf_counter() - started

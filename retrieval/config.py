@@ -20,11 +20,16 @@ from retrieval.io import atomic_path
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the images and captions come from and how they become shards."""
+    """Where the images and captions come from and how they become shards.
+
+    ``source_options`` are the chosen source's own settings (a ``SourceOptions`` dataclass of
+    ``retrieval.data.SOURCES``, e.g. fashion-mnist's ``limit_per_class``); in YAML a mapping,
+    checked against that source when the config is loaded. None means the source's defaults.
+    """
 
     source: str = "jsonl"  # jsonl | csv | coco | img2dataset | fashion-mnist | fashion-mnist-scenes
     path: str = "data/coco-mini/captions.jsonl"
-    image_root: str | None = None
+    source_options: Any = None  # the source's SourceOptions (a mapping in YAML)
     shard_dir: str = "runs/demo/shards"
     shard_size: int = 1000
     split_by: str = "split"  # "hash", or a metadata field holding train/val
@@ -32,10 +37,18 @@ class DataConfig:
     split_seed: int = 0
     image_size: int = 224
     num_workers: int = 0
-    # fashion-mnist sources only (path: the IDX folder, or "default")
-    limit_per_class: int | None = None  # at most this many items per class and split (seeded by split_seed)
-    zero_shot_classes: tuple[str, ...] = ()  # fashion-mnist: classes kept out of training, val only
-    scene_count: int = 20000  # fashion-mnist-scenes: scenes in all (val_fraction of them val)
+
+    def __post_init__(self) -> None:
+        from retrieval.data.sources import make_source_options, source_type  # the data package loads torch
+
+        options = self.source_options
+        if options is None or isinstance(options, dict):
+            options = make_source_options(self.source, options)
+        elif type(options) is not source_type(self.source):
+            raise ConfigError(f"data.source_options: {type(options).__name__} are not the options of "
+                              f"source {self.source!r}")
+        object.__setattr__(self, "source_options", options)
+        options.check(self)
 
 
 @dataclass(frozen=True)
@@ -97,11 +110,27 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """The faiss index built over the collection's image embeddings."""
+    """The faiss index built over the collection's image embeddings.
+
+    ``params`` is the kind's ``IndexKind`` (``retrieval.index.INDEX_KINDS``) with its build and
+    search parameters; in YAML they sit beside ``kind`` (``index: {kind: ivf, nlist: 1024, nprobe: 32}``)
+    and are checked against that kind when the config is loaded. None means the kind's defaults.
+    """
 
     kind: str = "auto"  # auto | flat | ivf | hnsw
     metric: str = "auto"  # auto (the loss's distance) | l2 | squared-l2 | cosine | ip
     split: str = "val"  # which shard split is indexed: train | val | all
+    params: Any = None  # the kind's IndexKind (in YAML: its parameters beside kind)
+
+    def __post_init__(self) -> None:
+        from retrieval.index import index_kind_type, make_index_kind  # faiss only once an index config is built
+
+        params = self.params
+        if params is None or isinstance(params, dict):
+            params = make_index_kind(self.kind, params)
+        elif type(params) is not index_kind_type(self.kind, "index.kind"):
+            raise ConfigError(f"index: {type(params).__name__} holds the parameters of another kind than {self.kind!r}")
+        object.__setattr__(self, "params", params)
 
 
 @dataclass(frozen=True)
@@ -165,7 +194,8 @@ def _build(cls: type, values: dict, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        hint = _moved_option_hint(values, unknown) if cls is DataConfig else ""
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}{hint}")
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -175,8 +205,12 @@ def _build(cls: type, values: dict, where: str) -> Any:
         path = f"{where}.{name}" if where else name
         if hints[name] is LossConfig:
             kwargs[name] = _loss_config(value or {}, path)
+        elif hints[name] is IndexConfig:
+            kwargs[name] = _index_config(value or {}, path)
         elif dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _coerce(value or {}, hints[name], path)
+        elif cls is DataConfig and name == "source_options":
+            kwargs[name] = _source_options(values.get("source", DataConfig.source), value, path, f"{where}.source")
         else:
             kwargs[name] = _coerce(value, hints[name], path)
     return cls(**kwargs)
@@ -199,6 +233,49 @@ def _loss_config(values: Any, where: str) -> LossConfig:
     return LossConfig(name, check_loss_settings(name, settings, where=where, coerce=_coerce))
 
 
+def _source_options(source: Any, values: Any, where: str, source_where: str) -> Any:
+    """``data.source_options`` (a mapping) → the typed options of ``data.source``, each option type-checked."""
+    from retrieval.data.sources import make_source_options, source_type
+
+    source_type(source, source_where)
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of the source's options, got {values!r}")
+    return make_source_options(source, values, where=where, coerce=_coerce)
+
+
+def _index_config(values: Any, where: str) -> IndexConfig:
+    """``{kind: ..., metric: ..., split: ..., <kind's parameters>}`` → :class:`IndexConfig`, parameters checked."""
+    from retrieval.index import index_param_names, make_index_kind
+
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{kind: ivf, nlist: 1024}}, got {values!r}")
+    kind = _coerce(values.get("kind", IndexConfig.kind), str, f"{where}.kind")
+    unknown = sorted(set(values) - set(_INDEX_FIELDS) - set(index_param_names(kind, f"{where}.kind")))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(_INDEX_FIELDS)} and "
+                          f"the parameters of index kind {kind!r}: {', '.join(index_param_names(kind)) or 'none'}")
+    general = {name: value for name, value in values.items() if name in _INDEX_FIELDS}
+    params = {name: value for name, value in values.items() if name not in _INDEX_FIELDS}
+    index = _build(IndexConfig, general, where)
+    return dataclasses.replace(index, params=make_index_kind(kind, params, where=where, coerce=_coerce))
+
+
+_INDEX_FIELDS = ("kind", "metric", "split")  # the rest of an index section: the kind's parameters
+
+
+def _moved_option_hint(values: dict, unknown: list[str]) -> str:
+    """A note for fields that are options of the chosen source (they belong under ``source_options``)."""
+    from retrieval.data.sources import SOURCES, source_option_names
+
+    source = values.get("source", DataConfig.source)
+    if source not in SOURCES:
+        return ""
+    options = [name for name in unknown if name in source_option_names(source)]
+    if not options:
+        return ""
+    return f" ({', '.join(options)}: options of source {source!r}, set under source_options)"
+
+
 def config_from_dict(values: dict, where: str = "config") -> Config:
     """Build a :class:`Config` from nested dicts, rejecting unknown fields and wrong types."""
     return _build(Config, values or {}, where)
@@ -216,7 +293,19 @@ def config_to_dict(config: Config) -> dict:
 
     values = plain(dataclasses.asdict(config))
     values["loss"] = {"name": config.loss.name, **plain(config.loss.settings)}  # settings beside the name
+    values["data"]["source_options"] = plain(_set_options(config.data.source_options))
+    del values["index"]["params"]
+    values["index"].update(plain(_set_options(config.index.params)))  # beside kind
     return values
+
+
+def _set_options(options: Any) -> dict:
+    """The fields of a source's options (or an index kind's parameters) that differ from their defaults:
+    switching ``data.source`` (``index.kind``) then drops no setting silently (a stale one is refused),
+    and a saved config lists only what was chosen."""
+    defaults = type(options)()
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if getattr(options, f.name) != getattr(defaults, f.name)}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -12,10 +12,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, NamedTuple, Sequence, Union
 
 import faiss
 import numpy as np
@@ -55,41 +58,115 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(64, math.ceil(math.sqrt(nlist)))))
 
 
-# Factories take (dim, metric, n, **params) and return an untrained CPU faiss index.
-INDEX_KINDS: Registry[Callable[..., faiss.Index]] = Registry("index kind")
+@dataclass(frozen=True)
+class IndexKind:
+    """One kind of faiss index with its own build and search parameters (the dataclass fields).
+
+    Subclasses are registered in ``INDEX_KINDS``; in a config the parameters sit beside
+    ``index.kind``. ``make`` returns the untrained CPU index; ``search_param_names`` lists the
+    parameters that can change after building (``VectorIndex.set_search_params``).
+    """
+
+    search_param_names: ClassVar[tuple[str, ...]] = ()
+
+    def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
+        """An untrained CPU index for ``n`` vectors of ``dim`` dimensions (``build`` trains and fills it)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def current_search_params(index: faiss.Index) -> dict[str, int]:
+        """The search-time parameters of a built index of this kind."""
+        return {}
+
+    @staticmethod
+    def apply_search_params(index: faiss.Index, values: dict[str, int], on_gpu: bool) -> None:
+        """Set search-time parameters (names already checked against ``search_param_names``)."""
+
+
+INDEX_KINDS: Registry[IndexKind] = Registry("index kind")
 
 
 @INDEX_KINDS.register("flat")
-def _make_flat(dim: int, metric: int, n: int, **_: Any) -> faiss.Index:
-    """Exact search: IndexFlatL2 / IndexFlatIP."""
-    return faiss.IndexFlat(dim, metric)
+@dataclass(frozen=True)
+class FlatKind(IndexKind):
+    """Exact search: IndexFlatL2 / IndexFlatIP; no parameters."""
+
+    def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
+        return faiss.IndexFlat(dim, metric)
 
 
 @INDEX_KINDS.register("ivf")
-def _make_ivf(dim: int, metric: int, n: int, *, nlist: int | None = None,
-              nprobe: int | None = None, seed: int = 0, **_: Any) -> faiss.Index:
-    """Inverted lists over a flat k-means quantizer (``build`` trains it)."""
-    nlist = nlist if nlist is not None else default_nlist(n)
-    if not 1 <= nlist <= n:
-        raise ConfigError(f"nlist must be between 1 and the number of vectors ({n}), got {nlist}")
-    quantizer = faiss.IndexFlat(dim, metric)
-    index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
-    quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
-    index.own_fields = True
-    index.cp.seed = seed
-    index.cp.spherical = metric == faiss.METRIC_INNER_PRODUCT  # k-means on the unit sphere
-    index.nprobe = min(nlist, nprobe) if nprobe is not None else default_nprobe(nlist)
-    return index
+@dataclass(frozen=True)
+class IvfKind(IndexKind):
+    """Inverted lists over a flat k-means quantizer (``seed`` seeds k-means).
+
+    ``nlist``: lists (default ``default_nlist(n)``); ``nprobe``: lists searched per query (default
+    ``default_nprobe(nlist)``, capped at ``nlist``).
+    """
+
+    nlist: int | None = None
+    nprobe: int | None = None
+    search_param_names: ClassVar[tuple[str, ...]] = ("nprobe",)
+
+    def __post_init__(self) -> None:
+        _check_positive(nlist=self.nlist, nprobe=self.nprobe)
+
+    def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
+        nlist = self.nlist if self.nlist is not None else default_nlist(n)
+        if not 1 <= nlist <= n:
+            raise ConfigError(f"nlist must be between 1 and the number of vectors ({n}), got {nlist}")
+        quantizer = faiss.IndexFlat(dim, metric)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+        quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
+        index.own_fields = True
+        index.cp.seed = seed
+        index.cp.spherical = metric == faiss.METRIC_INNER_PRODUCT  # k-means on the unit sphere
+        index.nprobe = min(nlist, self.nprobe) if self.nprobe is not None else default_nprobe(nlist)
+        return index
+
+    @staticmethod
+    def current_search_params(index: faiss.Index) -> dict[str, int]:
+        return {"nlist": int(index.nlist), "nprobe": int(index.nprobe)}
+
+    @staticmethod
+    def apply_search_params(index: faiss.Index, values: dict[str, int], on_gpu: bool) -> None:
+        if "nprobe" in values:
+            limit = GPU_MAX_K if on_gpu else int(index.nlist)
+            index.nprobe = min(values["nprobe"], int(index.nlist), limit)
 
 
 @INDEX_KINDS.register("hnsw")
-def _make_hnsw(dim: int, metric: int, n: int, *, hnsw_m: int = DEFAULT_HNSW_M,
-               ef_search: int | None = None, **_: Any) -> faiss.Index:
-    """Graph index (IndexHNSWFlat); CPU only."""
-    index = faiss.IndexHNSWFlat(dim, hnsw_m, metric)
-    index.hnsw.efConstruction = max(HNSW_EF_CONSTRUCTION, hnsw_m)
-    index.hnsw.efSearch = ef_search if ef_search is not None else DEFAULT_EF_SEARCH
-    return index
+@dataclass(frozen=True)
+class HnswKind(IndexKind):
+    """Graph index (IndexHNSWFlat); CPU only.
+
+    ``hnsw_m``: links per node; ``ef_construction``: build-time beam (default
+    ``max(HNSW_EF_CONSTRUCTION, hnsw_m)``); ``ef_search``: search-time beam (default DEFAULT_EF_SEARCH).
+    """
+
+    hnsw_m: int = DEFAULT_HNSW_M
+    ef_construction: int | None = None
+    ef_search: int | None = None
+    search_param_names: ClassVar[tuple[str, ...]] = ("ef_search",)
+
+    def __post_init__(self) -> None:
+        _check_positive(hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, ef_search=self.ef_search)
+
+    def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
+        index = faiss.IndexHNSWFlat(dim, self.hnsw_m, metric)
+        index.hnsw.efConstruction = (self.ef_construction if self.ef_construction is not None
+                                     else max(HNSW_EF_CONSTRUCTION, self.hnsw_m))
+        index.hnsw.efSearch = self.ef_search if self.ef_search is not None else DEFAULT_EF_SEARCH
+        return index
+
+    @staticmethod
+    def current_search_params(index: faiss.Index) -> dict[str, int]:
+        return {"ef_search": int(index.hnsw.efSearch)}
+
+    @staticmethod
+    def apply_search_params(index: faiss.Index, values: dict[str, int], on_gpu: bool) -> None:
+        if "ef_search" in values:
+            index.hnsw.efSearch = values["ef_search"]
 
 
 def auto_kind(n: int) -> str:
@@ -98,9 +175,58 @@ def auto_kind(n: int) -> str:
 
 
 @INDEX_KINDS.register("auto")
-def _make_auto(dim: int, metric: int, n: int, **params: Any) -> faiss.Index:
-    """Exact search below AUTO_FLAT_MAX items, approximate (AUTO_LARGE_KIND) above."""
-    return INDEX_KINDS.create(auto_kind(n), dim=dim, metric=metric, n=n, **params)
+@dataclass(frozen=True)
+class AutoKind(IndexKind):
+    """Exact search below AUTO_FLAT_MAX items, approximate (AUTO_LARGE_KIND, IVF) above.
+
+    ``nlist`` and ``nprobe`` are the IVF parameters for collections of AUTO_FLAT_MAX items or more.
+    """
+
+    nlist: int | None = None
+    nprobe: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive(nlist=self.nlist, nprobe=self.nprobe)
+
+    def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
+        kind = auto_kind(n)
+        params = dataclasses.asdict(self) if kind == AUTO_LARGE_KIND else {}
+        return INDEX_KINDS.create(kind, **params).make(dim, metric, n, seed)
+
+
+def index_kind_type(kind: str, where: str | None = None) -> type[IndexKind]:
+    """The registered class of ``kind``; unknown → one-line ConfigError listing the kinds (prefixed by ``where``)."""
+    if kind not in INDEX_KINDS:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}unknown index kind {kind!r}; choose one of: {', '.join(INDEX_KINDS.names())}")
+    return INDEX_KINDS.get(kind)
+
+
+def index_param_names(kind: str, where: str | None = None) -> tuple[str, ...]:
+    """The build and search parameters index ``kind`` takes."""
+    return tuple(f.name for f in dataclasses.fields(index_kind_type(kind, where)))
+
+
+def make_index_kind(kind: str, values: Mapping[str, Any] | None = None, *, where: str = "index",
+                    coerce: Callable[[Any, Any, str], Any] | None = None) -> IndexKind:
+    """Index ``kind`` with its parameters from a mapping; a parameter it lacks → one-line ConfigError.
+
+    ``coerce(value, annotation, field)`` converts config values (the config loader's type check).
+    """
+    kind_type = index_kind_type(kind, f"{where}: kind")
+    values = dict(values or {})
+    valid = index_param_names(kind)
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: index kind {kind!r} takes no parameter {', '.join(unknown)}; "
+                          f"valid: {', '.join(valid) or 'none'}")
+    if coerce is not None:
+        hints = typing.get_type_hints(kind_type)
+        values = {name: coerce(value, hints[name], f"{where}.{name}") for name, value in values.items()}
+    try:
+        return kind_type(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def kind_of(index: faiss.Index) -> str:
@@ -198,28 +324,33 @@ class VectorIndex:
         self._index = self._maybe_to_gpu(index, _want_gpu(use_gpu))
 
     @classmethod
-    def build(cls, vectors: np.ndarray, metadata: Sequence[dict], *, kind: str = "auto",
-              metric: str = "l2", stamp: dict, nlist: int | None = None, nprobe: int | None = None,
-              hnsw_m: int = DEFAULT_HNSW_M, ef_search: int | None = None,
-              use_gpu: UseGpu = "auto", seed: int = 0) -> "VectorIndex":
+    def build(cls, vectors: np.ndarray, metadata: Sequence[dict], *, kind: str | IndexKind = "auto",
+              metric: str = "l2", stamp: dict, use_gpu: UseGpu = "auto", seed: int = 0,
+              **params: Any) -> "VectorIndex":
         """Build an index over ``vectors`` (n, d) float32; ``metadata[i]`` describes row i.
 
         ``kind`` is "flat" (exact), "ivf", "hnsw" or "auto" (flat below AUTO_FLAT_MAX items,
-        else AUTO_LARGE_KIND). ``metric`` is "l2" or "ip" (normalise the vectors yourself
-        for cosine). Unset IVF/HNSW parameters get measured defaults (default_nlist, ...).
+        else AUTO_LARGE_KIND) with that kind's parameters as keywords (``nlist=``, ``ef_search=``,
+        ...; one the kind lacks is a ConfigError), or an ``IndexKind`` holding them (``index`` of a
+        config). ``metric`` is "l2" or "ip" (normalise the vectors yourself for cosine). Unset
+        parameters get measured defaults (default_nlist, ...).
         """
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
         if not isinstance(stamp, dict):
             raise ConfigError(f"stamp must be a dict, got {type(stamp).__name__}")
-        _check_positive(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
+        if isinstance(kind, IndexKind):
+            if params:
+                raise ConfigError(f"pass the parameters inside the index kind, not as {', '.join(sorted(params))}")
+            index_kind = kind
+        else:
+            index_kind = make_index_kind(kind, params, where="VectorIndex.build")
         array = _check_vectors(vectors, None, "vectors", DataError)
         items = _check_metadata(metadata, len(array))
         if len(array) == 0:
             raise DataError("cannot build an index from 0 vectors")
         n, dim = array.shape
-        index = INDEX_KINDS.create(kind, dim=dim, metric=METRICS[metric], n=n, nlist=nlist,
-                                   nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, seed=seed)
+        index = index_kind.make(dim, METRICS[metric], n, seed)
         self = cls(index, [], metric=metric, stamp=stamp, use_gpu=use_gpu)
         if not self._index.is_trained:
             self._index.train(array)
@@ -262,19 +393,18 @@ class VectorIndex:
 
     @property
     def search_params(self) -> dict[str, int]:
-        """Current search-time parameters (nlist/nprobe for IVF, ef_search for HNSW)."""
-        if self._kind == "ivf":
-            return {"nlist": int(self._index.nlist), "nprobe": int(self._index.nprobe)}
-        return {"ef_search": int(self._index.hnsw.efSearch)} if self._kind == "hnsw" else {}
+        """Current search-time parameters (nlist/nprobe for IVF, ef_search for HNSW, none for flat)."""
+        return INDEX_KINDS.get(self._kind).current_search_params(self._index)
 
-    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Trade speed for recall after building or loading (ignored by other kinds)."""
-        _check_positive(nprobe=nprobe, ef_search=ef_search)
-        if nprobe is not None and self._kind == "ivf":
-            limit = GPU_MAX_K if self.on_gpu else int(self._index.nlist)
-            self._index.nprobe = min(nprobe, int(self._index.nlist), limit)
-        if ef_search is not None and self._kind == "hnsw":
-            self._index.hnsw.efSearch = ef_search
+    def set_search_params(self, **values: int) -> None:
+        """Trade speed for recall after building or loading; a parameter this kind lacks → ConfigError."""
+        kind = INDEX_KINDS.get(self._kind)
+        unknown = sorted(set(values) - set(kind.search_param_names))
+        if unknown:
+            raise ConfigError(f"index kind {self._kind!r} has no search parameter {', '.join(unknown)}; "
+                              f"valid: {', '.join(kind.search_param_names) or 'none'}")
+        _check_positive(**values)
+        kind.apply_search_params(self._index, values, self.on_gpu)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Top-``k`` items per query row; ``k`` is clipped to ``len(self)``."""

@@ -46,7 +46,7 @@ def caption_vocabulary(captions: list[str], caption_vectors: np.ndarray, caption
     return {"words": [w for w, ok in zip(candidates, known) if ok], "center": [float(x) for x in center]}
 
 
-def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, *, kind: str = "auto",
+def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, *, kind: str | None = None,
                 metric: str = "auto", thumbnails: bool = True, device: str = "cpu") -> Path:
     """Embed every image of ``shards`` with ``model`` and write the index directory atomically.
 
@@ -57,6 +57,8 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
     distance = search_distance(model.loss.distance, metric)
     transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
     stamp = index_stamp(model)
+    if kind in (None, model.config.index.kind):  # the configured kind with its parameters; another kind: its defaults
+        kind = model.config.index.params
     with atomic_dir(out_dir) as tmp:
         staged = IndexDir(tmp)
         thumbs: dict[str, str] = {}

@@ -27,7 +27,7 @@ from retrieval.losses import LOSSES, build_loss
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
 from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDir
 from retrieval.runtime import resolve_device, seed_everything, torch_threads
-from retrieval.targets import build_caption_encoder, load_vectors, vectors_fingerprint
+from retrieval.targets import build_caption_encoder
 
 
 @dataclass
@@ -91,8 +91,7 @@ class Trainer:
     def _build_text_side(self) -> None:
         train_set = self.source.train_set
         train_captions = [c for captions in train_set.captions for c in captions]
-        self.vectors = load_vectors(self.config.text, self.run_dir, train_captions)
-        self.caption_encoder = build_caption_encoder(self.config.text, self.vectors, train_captions)
+        self.caption_encoder = build_caption_encoder(self.config.text, self.run_dir, train_captions)
         self.targets, stats = caption_targets(train_set, self.caption_encoder.encode_batch)
         tqdm.write(f"train captions: {stats.summary()}")
         self.num_classes = class_count(train_set.meta)
@@ -146,7 +145,7 @@ class Trainer:
     def save(self, name: str, epoch: int, metrics: dict) -> Path:
         path = self.run_dir.checkpoint(name)
         save_checkpoint(path, config=self.config, encoder=self.encoder, loss=self.loss,
-                        caption_encoder=self.caption_encoder, vectors_fingerprint=vectors_fingerprint(self.vectors),
+                        caption_encoder=self.caption_encoder,
                         epoch=epoch, metrics=metrics, num_classes=self.num_classes)
         return path
 

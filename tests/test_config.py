@@ -110,3 +110,31 @@ def test_every_shipped_config_loads_in_the_new_loss_format():
         if "compare" not in path.name:  # compare configs are checked in test_compare
             config = load_config(path)
             assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_source_options_are_typed_per_source_and_round_trip(tmp_path):
+    from retrieval.config import DataConfig
+    from retrieval.data import FashionMnistSource
+    from retrieval.data.sources import CocoSource, Img2datasetSource, JsonlSource
+
+    assert Config().data.source_options == JsonlSource()
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  source: fashion-mnist\n  split_by: split\n"
+                    "  source_options: {limit_per_class: 3, zero_shot_classes: [bag]}\n")
+    config = load_config(path, ["data.source_options.limit_per_class=4"])
+    assert config.data.source_options == FashionMnistSource(limit_per_class=4, zero_shot_classes=("bag",))
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == config
+    assert "source_options:\n    limit_per_class: 4\n    zero_shot_classes:\n    - bag\n" in (
+        tmp_path / "saved.yaml").read_text()  # only what differs from the source's defaults
+    coco = load_config(None, ["data.source=coco", "data.source_options.image_root=val2017"])
+    assert coco.data.source_options == CocoSource(image_root="val2017")
+    assert load_config(None, ["data.source=img2dataset"]).data.source_options == Img2datasetSource()  # no mapping
+    with pytest.raises(ConfigError, match="source 'img2dataset' takes no option image_root; valid: none"):
+        load_config(None, ["data.source=img2dataset", "data.source_options.image_root=x"])
+    with pytest.raises(ConfigError, match=r"data.source: unknown source kind 'parquet'; choose one of: coco, csv"):
+        load_config(None, ["data.source=parquet"])
+    with pytest.raises(ConfigError, match=r"c.yaml.data.source_options.limit_per_class: expected int"):
+        load_config(path, ["data.source_options.limit_per_class=many"])
+    with pytest.raises(ConfigError, match="data.source_options: JsonlSource are not the options of source 'coco'"):
+        DataConfig(source="coco", source_options=JsonlSource())

@@ -112,7 +112,7 @@ def test_limit_per_class_is_a_seeded_subsample(fmnist_dir: Path) -> None:
     other = [r.key for r in records_from_fashion_mnist(fmnist_dir, limit_per_class=2, seed=5)]
     assert other != again
     assert len(subsample_per_class(np.array([0, 0, 1]), 10)) == 3
-    with pytest.raises(ConfigError, match="data.limit_per_class"):
+    with pytest.raises(ConfigError, match="data.source_options.limit_per_class"):
         records_from_fashion_mnist(fmnist_dir, limit_per_class=0)
 
 
@@ -126,7 +126,7 @@ def test_zero_shot_classes_never_reach_train(fmnist_dir: Path) -> None:
     for record in val:
         assert record.meta.get("zero_shot", False) == (record.meta["label"] in held)
     assert Counter(r.meta["label"] for r in val if r.meta.get("zero_shot")) == {c: TEST_PER_CLASS for c in held}
-    with pytest.raises(ConfigError, match="data.zero_shot_classes: unknown Fashion-MNIST class 'boots'"):
+    with pytest.raises(ConfigError, match="data.source_options.zero_shot_classes: unknown Fashion-MNIST class 'boots'"):
         records_from_fashion_mnist(fmnist_dir, zero_shot_classes=("boots",))
     with pytest.raises(ConfigError, match="nothing to train"):
         class_ids(CLASS_NAMES)
@@ -138,7 +138,7 @@ def test_default_folder_and_open_source(fmnist_dir: Path, monkeypatch) -> None:
     assert len(items) == 20
     scenes = list(open_source("fashion-mnist-scenes", "default", scene_count=10, val_fraction=0.3))
     assert Counter(r.meta["split"] for r in scenes) == {"train": 7, "val": 3}
-    with pytest.raises(ConfigError, match="takes no options"):
+    with pytest.raises(ConfigError, match="source 'jsonl' takes no option limit_per_class; valid: image_root"):
         open_source("jsonl", "x.jsonl", limit_per_class=1)
     monkeypatch.setenv(ENV_VAR, str(fmnist_dir / "nowhere"))
     with pytest.raises(DataError, match="nowhere: Fashion-MNIST folder not found"):
@@ -174,7 +174,7 @@ def test_scenes_match_their_items_and_are_deterministic(fmnist_dir: Path) -> Non
     other = list(records_from_fashion_mnist_scenes(fmnist_dir, scene_count=40, val_fraction=0.25, seed=4))
     assert [r.captions for r in other] != [r.captions for r in scenes]
     assert image_classes([r.meta for r in scenes]) is None  # caption-only data
-    with pytest.raises(ConfigError, match="data.scene_count"):
+    with pytest.raises(ConfigError, match="data.source_options.scene_count"):
         records_from_fashion_mnist_scenes(fmnist_dir, scene_count=0)
 
 
@@ -198,16 +198,35 @@ def test_prepare_from_config(fmnist_dir: Path, tmp_path: Path) -> None:
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "configs" / "fashion_mnist.yaml", [
-        f"data.path={fmnist_dir}", f"data.shard_dir={tmp_path / 'shards'}", "data.limit_per_class=2"])
+        f"data.path={fmnist_dir}", f"data.shard_dir={tmp_path / 'shards'}", "data.source_options.limit_per_class=2"])
     manifest = prepare(config)
-    zero_shot = len(config.data.zero_shot_classes)
+    zero_shot = len(config.data.source_options.zero_shot_classes)
     assert manifest.counts == {"train": 2 * (10 - zero_shot), "val": 20}
     assert read_manifest(tmp_path / "shards").split == {"by": "split"}
-    hashed = load_config(root / "configs" / "fashion_mnist.yaml", [f"data.path={fmnist_dir}", "data.split_by=hash"])
-    with pytest.raises(ConfigError, match="data.split_by must be 'split'"):
-        prepare(hashed)
     scenes = load_config(root / "configs" / "fashion_mnist_scenes.yaml", [
-        f"data.path={fmnist_dir}", f"data.shard_dir={tmp_path / 'scenes'}", "data.scene_count=10"])
+        f"data.path={fmnist_dir}", f"data.shard_dir={tmp_path / 'scenes'}", "data.source_options.scene_count=10"])
     assert sum(prepare(scenes).counts.values()) == 10
     info = json.loads((tmp_path / "scenes" / "manifest.json").read_text())
     assert info["source"].startswith("fashion-mnist-scenes:")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.split_by=hash"], r"data.split_by must be 'split' with data.source_options.zero_shot_classes"),
+    (["data.source_options.limit_per_class=0"], r"data.source_options.limit_per_class must be a positive integer"),
+    (["data.source_options.zero_shot_classes=[boots]"], r"unknown Fashion-MNIST class 'boots'"),
+    (["data.source_options.scene_count=10"], r"data.source_options: source 'fashion-mnist' takes no option "
+                                              r"scene_count; valid: limit_per_class, zero_shot_classes"),
+    (["data.limit_per_class=2"], r"unknown field\(s\) limit_per_class; .*\(limit_per_class: options of source "
+                                 r"'fashion-mnist', set under source_options\)"),
+    (["data.source=jsonl"], r"source 'jsonl' takes no option limit_per_class, zero_shot_classes; valid: image_root"),
+    (["data.source=fashion-mnist-scenes", "data.source_options={}", "data.split_by=hash"],
+     r"data.split_by must be 'split' for fashion-mnist-scenes"),
+    (["data.source=fashion-mnist-scenes", "data.source_options={scene_count: 10}", "data.val_fraction=1.5"],
+     r"data.val_fraction must be between 0 and 1"),
+])
+def test_source_options_are_checked_when_the_config_loads(overrides: list[str], message: str) -> None:
+    """What prepare used to find out only when it ran: an option the source lacks, a bad value, a split clash."""
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(root / "configs" / "fashion_mnist.yaml", overrides)
+    assert "\n" not in str(error.value)

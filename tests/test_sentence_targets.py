@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from retrieval.checkpoint import load_checkpoint  # noqa: E402
 from retrieval.config import TextConfig  # noqa: E402
 from retrieval.errors import ConfigError, DataError, QueryError  # noqa: E402
-from retrieval.targets import build_caption_encoder, load_vectors, vectors_fingerprint  # noqa: E402
+from retrieval.targets import build_caption_encoder, restore_caption_encoder  # noqa: E402
 from retrieval.text.sentence import SentenceEncoder, packaged_minilm_dir, read_sentence_settings  # noqa: E402
 from retrieval.train import fit  # noqa: E402
 
@@ -117,11 +117,12 @@ def test_state_dict_fingerprint_and_targets(encoder: SentenceEncoder, bert_dir: 
     with pytest.raises(DataError, match="differs from the one this model was trained with"):
         SentenceEncoder.from_state_dict(other, state)
     text = TextConfig(vectors="sentence-transformer", vectors_path=str(bert_dir))
-    vectors = load_vectors(text, tmp_path)
-    assert isinstance(vectors, SentenceEncoder) and build_caption_encoder(text, vectors, []) is vectors
-    assert vectors_fingerprint(vectors) == encoder.fingerprint()
+    built = build_caption_encoder(text, tmp_path, [])
+    assert isinstance(built, SentenceEncoder) and built.fingerprint() == encoder.fingerprint()
+    assert restore_caption_encoder(text, tmp_path, built.state_dict()).fingerprint() == encoder.fingerprint()
     with pytest.raises(ConfigError, match="text.weighting: 'tfidf' does not apply"):
-        load_vectors(TextConfig(vectors="sentence-transformer", vectors_path=str(bert_dir), weighting="tfidf"), tmp_path)
+        build_caption_encoder(TextConfig(vectors="sentence-transformer", vectors_path=str(bert_dir),
+                                         weighting="tfidf"), tmp_path, [])
     with pytest.raises(DataError, match="sentence model folder not found"):
         SentenceEncoder(tmp_path / "missing")
     (tmp_path / "empty").mkdir()

@@ -30,8 +30,8 @@ def make_image(path: Path, index: int) -> bytes:
     return path.read_bytes()
 
 
-def build_source(kind: str, root: Path, n: int = 5) -> tuple[str, Path, Path | None, dict[str, tuple]]:
-    """A tiny source of ``kind``; returns (kind, path, image_root, {key: (bytes, captions)})."""
+def build_source(kind: str, root: Path, n: int = 5) -> tuple[str, Path, dict, dict[str, tuple]]:
+    """A tiny source of ``kind``; returns (kind, path, its source options, {key: (bytes, captions)})."""
     expected: dict[str, tuple] = {}
     names = [f"img{i:02d}" + (".png" if i % 2 else ".jpg") for i in range(n)]
     if kind == "img2dataset":
@@ -41,24 +41,24 @@ def build_source(kind: str, root: Path, n: int = 5) -> tuple[str, Path, Path | N
             expected[key] = (make_image(stem.with_suffix(Path(name).suffix), i), (f"caption {i}",))
             stem.with_suffix(".txt").write_text(f"caption {i}")
             stem.with_suffix(".json").write_text(json.dumps({"key": key, "status": "success"}))
-        return kind, root / "out", None, expected
+        return kind, root / "out", {}, expected
     for i, name in enumerate(names):
         expected[Path(name).stem] = (make_image(root / "images" / name, i), (f"caption {i} a", f"caption {i} b"))
     if kind == "jsonl":
         lines = [json.dumps({"image": f"images/{n_}", "captions": list(expected[Path(n_).stem][1]), "n": i})
                  for i, n_ in enumerate(names)]
         (root / "c.jsonl").write_text("\n".join(lines) + "\n")
-        return kind, root / "c.jsonl", None, expected
+        return kind, root / "c.jsonl", {}, expected
     if kind == "csv":
         with (root / "c.csv").open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["image", "caption"])
             w.writerows([[f"images/{n_}", c] for n_ in names for c in expected[Path(n_).stem][1]])
-        return kind, root / "c.csv", None, expected
+        return kind, root / "c.csv", {}, expected
     images = [{"id": i, "file_name": n_} for i, n_ in enumerate(names)]
     anns = [{"image_id": i, "caption": c} for i, n_ in enumerate(names) for c in expected[Path(n_).stem][1]]
     (root / "coco.json").write_text(json.dumps({"images": images, "annotations": anns}))
-    return kind, root / "coco.json", root / "images", expected
+    return kind, root / "coco.json", {"image_root": str(root / "images")}, expected
 
 
 def raw_samples(shards: list[str]) -> list[dict]:
@@ -66,14 +66,14 @@ def raw_samples(shards: list[str]) -> list[dict]:
 
 
 def jsonl_records(tmp_path: Path, n: int) -> list[Record]:
-    kind, path, root, _ = build_source("jsonl", tmp_path, n)
-    return list(open_source(kind, path, root))
+    kind, path, options, _ = build_source("jsonl", tmp_path, n)
+    return list(open_source(kind, path, **options))
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "csv", "coco", "img2dataset"])
 def test_round_trip_per_source(tmp_path: Path, kind: str) -> None:
-    kind, path, root, expected = build_source(kind, tmp_path)
-    records = list(open_source(kind, path, root))
+    kind, path, options, expected = build_source(kind, tmp_path)
+    records = list(open_source(kind, path, **options))
     manifest = write_shards(iter(records), tmp_path / "shards", shard_size=2, val_fraction=0.4, source=f"{kind}:x",
                             progress=False)
     shards = list_shards(tmp_path / "shards", "train") + list_shards(tmp_path / "shards", "val")
@@ -139,7 +139,7 @@ def test_shards_are_reproducible(tmp_path: Path) -> None:
 
 def broken_source(tmp_path: Path, problem: str) -> list | object:
     """Records (lazy) whose third item is broken in the way ``problem`` names."""
-    kind, path, root, _ = build_source("jsonl", tmp_path, 4)
+    kind, path, options, _ = build_source("jsonl", tmp_path, 4)
     lines = path.read_text().splitlines()
     if problem == "missing image":
         (tmp_path / "images" / "img02.jpg").unlink()
@@ -150,7 +150,7 @@ def broken_source(tmp_path: Path, problem: str) -> list | object:
     elif problem == "undecodable":
         (tmp_path / "images" / "img02.jpg").write_bytes(b"this is not a jpeg")
     path.write_text("\n".join(lines) + "\n")
-    return open_source(kind, path, root)
+    return open_source(kind, path, **options)
 
 
 @pytest.mark.parametrize(

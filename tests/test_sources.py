@@ -222,9 +222,11 @@ def test_open_source_dispatch(tmp_path: Path) -> None:
     write_lines(tmp_path / "c.jsonl", [{"image": "a.jpg", "caption": "x"}])
     assert [r.key for r in open_source("jsonl", tmp_path / "c.jsonl")] == ["a"]
     coco = coco_json(tmp_path)
-    assert len(list(open_source("coco", coco, tmp_path / "val2017"))) == 2
-    with pytest.raises(ConfigError, match="unknown source kind 'parquet'.*jsonl, csv, coco, img2dataset"):
+    assert len(list(open_source("coco", coco, image_root=tmp_path / "val2017"))) == 2
+    with pytest.raises(ConfigError, match="unknown source kind 'parquet'.*coco, csv, .*img2dataset, jsonl"):
         open_source("parquet", tmp_path)
+    with pytest.raises(ConfigError, match="source 'img2dataset' takes no option image_root; valid: none"):
+        open_source("img2dataset", tmp_path, image_root=tmp_path)
 
 
 def test_record_equality_ignores_origin() -> None:

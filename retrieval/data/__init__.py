@@ -1,5 +1,7 @@
-"""Data: caption sources, webdataset shard writing and streaming readers."""
+"""Data: caption sources (registered by name in ``SOURCES``), webdataset shard writing and streaming readers."""
 
+from retrieval.data.fashion_mnist import FashionMnistSource  # registers "fashion-mnist"
+from retrieval.data.fashion_mnist_scenes import FashionMnistScenesSource  # registers "fashion-mnist-scenes"
 from retrieval.data.pipeline import (
     EpochLoader,
     EpochSeed,
@@ -24,8 +26,10 @@ from retrieval.data.shards import (
 from retrieval.data.sources import (
     SOURCES,
     Record,
+    SourceOptions,
     check_unique_keys,
     make_key,
+    make_source_options,
     open_source,
     records_from_coco,
     records_from_csv,
@@ -36,10 +40,13 @@ from retrieval.data.sources import (
 __all__ = [
     "EpochLoader",
     "EpochSeed",
+    "FashionMnistScenesSource",
+    "FashionMnistSource",
     "Record",
     "SOURCES",
     "Sample",
     "ShardManifest",
+    "SourceOptions",
     "TrainPipeline",
     "assign_split",
     "check_unique_keys",
@@ -50,6 +57,7 @@ __all__ = [
     "list_shards",
     "make_key",
     "make_loader",
+    "make_source_options",
     "make_train_pipeline",
     "open_source",
     "raise_data_error",

@@ -17,13 +17,14 @@ from __future__ import annotations
 import gzip
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from retrieval.data.sources import Record
+from retrieval.data.sources import SOURCES, Record, SourceOptions
 from retrieval.errors import ConfigError, DataError
 
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -31,6 +32,7 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "FASHION_MNIST_DIR"
 # Fashion-MNIST's file prefix per split, and the split name used in shards.
 SPLIT_PREFIXES = {"train": "train", "val": "t10k"}
+LIMIT_FIELD, ZERO_SHOT_FIELD = "data.source_options.limit_per_class", "data.source_options.zero_shot_classes"
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -95,7 +97,7 @@ def load_fashion_mnist(path: str | os.PathLike | None = None, split: str = "trai
     return images, labels.astype(np.int64)
 
 
-def class_ids(names: Sequence[str], field: str = "data.zero_shot_classes") -> tuple[int, ...]:
+def class_ids(names: Sequence[str], field: str = ZERO_SHOT_FIELD) -> tuple[int, ...]:
     """Class ids of class names (case-insensitive); an unknown name → ConfigError naming ``field``."""
     if isinstance(names, str):
         names = (names,)
@@ -110,12 +112,17 @@ def class_ids(names: Sequence[str], field: str = "data.zero_shot_classes") -> tu
     return tuple(sorted(set(ids)))
 
 
+def check_limit_per_class(limit: Any) -> None:
+    """``limit_per_class`` must be None or a positive integer (ConfigError naming the option)."""
+    if limit is not None and (not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(f"{LIMIT_FIELD} must be a positive integer or null, got {limit!r}")
+
+
 def subsample_per_class(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
     """Indices (sorted) of at most ``limit`` items per class, drawn by a seeded permutation; None keeps all."""
+    check_limit_per_class(limit)
     if limit is None:
         return np.arange(len(labels))
-    if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1:
-        raise ConfigError(f"data.limit_per_class must be a positive integer or null, got {limit!r}")
     order = np.random.default_rng(seed).permutation(len(labels))
     keep = [order[labels[order] == c][:limit] for c in np.unique(labels)]
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
@@ -146,7 +153,7 @@ def records_from_fashion_mnist(
     ``zero_shot_classes`` (names from ``CLASS_NAMES``) are left out of train and marked in val.
     """
     held_out = class_ids(zero_shot_classes)
-    subsample_per_class(np.zeros(0, dtype=np.int64), limit_per_class)  # validate before reading
+    check_limit_per_class(limit_per_class)  # before reading
     folder = resolve_fashion_mnist_dir(path)
     return _fashion_records(folder, limit_per_class, held_out, seed)
 
@@ -165,3 +172,28 @@ def _fashion_records(folder: Path, limit: int | None, held_out: tuple[int, ...],
             key = item_key(split, index)
             yield Record(key, png_bytes(images[index]), "png", (CLASS_NAMES[label],), meta,
                          origin=f"{folder} ({split} item {index})")
+
+
+@SOURCES.register("fashion-mnist")
+@dataclass(frozen=True)
+class FashionMnistSource(SourceOptions):
+    """Fashion-MNIST items (``records_from_fashion_mnist``); ``data.path``: the IDX folder or "default".
+
+    ``limit_per_class``: at most this many items per class and split (seeded by ``data.split_seed``);
+    ``zero_shot_classes``: class names kept out of training (val only; needs ``data.split_by: split``).
+    """
+
+    limit_per_class: int | None = None
+    zero_shot_classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_limit_per_class(self.limit_per_class)
+        class_ids(self.zero_shot_classes)
+
+    def check(self, data: Any) -> None:
+        if self.zero_shot_classes and data.split_by != "split":
+            raise ConfigError(f"data.split_by must be 'split' with {ZERO_SHOT_FIELD} (they must stay out of train)")
+
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
+        return records_from_fashion_mnist(path, limit_per_class=self.limit_per_class,
+                                          zero_shot_classes=self.zero_shot_classes, seed=seed)

@@ -11,20 +11,22 @@ data: a caption is relevant to its own scene), but meta lists the items (``item_
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from retrieval.data.fashion_mnist import (
     CLASS_NAMES,
+    check_limit_per_class,
     item_key,
     load_fashion_mnist,
     png_bytes,
     resolve_fashion_mnist_dir,
     subsample_per_class,
 )
-from retrieval.data.sources import Record
+from retrieval.data.sources import SOURCES, Record, SourceOptions
 from retrieval.errors import ConfigError
 
 ITEMS_PER_SCENE = 4
@@ -52,7 +54,7 @@ def compose_scene(items: np.ndarray) -> np.ndarray:
 def scene_counts(scene_count: int, val_fraction: float) -> dict[str, int]:
     """Scenes per split: ``round(scene_count * val_fraction)`` val scenes, the rest train."""
     if not isinstance(scene_count, (int, np.integer)) or isinstance(scene_count, bool) or scene_count < 1:
-        raise ConfigError(f"data.scene_count must be a positive integer, got {scene_count!r}")
+        raise ConfigError(f"data.source_options.scene_count must be a positive integer, got {scene_count!r}")
     if not 0.0 <= val_fraction <= 1.0:
         raise ConfigError(f"data.val_fraction must be between 0 and 1, got {val_fraction!r}")
     val = int(round(scene_count * val_fraction))
@@ -83,7 +85,7 @@ def records_from_fashion_mnist_scenes(
     ``limit_per_class`` first restricts each split's item pool (a seeded subsample per class).
     """
     counts = scene_counts(scene_count, val_fraction)
-    subsample_per_class(np.zeros(0, dtype=np.int64), limit_per_class)  # validate before reading
+    check_limit_per_class(limit_per_class)  # before reading
     folder = resolve_fashion_mnist_dir(path)
     return _scene_records(folder, counts, seed, limit_per_class)
 
@@ -100,3 +102,29 @@ def _scene_records(folder: Path, counts: dict[str, int], seed: int, limit: int |
             meta = {"split": split, "item_labels": item_labels, "item_keys": [item_key(split, int(i)) for i in chosen]}
             yield Record(f"scene-{split}-{number:06d}", png_bytes(compose_scene(images[chosen])), "png",
                          (scene_caption(item_labels),), meta, origin=f"{folder} ({split} scene {number})")
+
+
+@SOURCES.register("fashion-mnist-scenes")
+@dataclass(frozen=True)
+class FashionMnistScenesSource(SourceOptions):
+    """2x2 Fashion-MNIST scenes (``records_from_fashion_mnist_scenes``); needs ``data.split_by: split``.
+
+    ``scene_count``: scenes in all (``data.val_fraction`` of them val); ``limit_per_class``: each
+    split's item pool restricted to this many items per class (seeded by ``data.split_seed``).
+    """
+
+    scene_count: int = 20000
+    limit_per_class: int | None = None
+
+    def __post_init__(self) -> None:
+        scene_counts(self.scene_count, 0.0)
+        check_limit_per_class(self.limit_per_class)
+
+    def check(self, data: Any) -> None:
+        if data.split_by != "split":
+            raise ConfigError("data.split_by must be 'split' for fashion-mnist-scenes (val scenes use test items only)")
+        scene_counts(self.scene_count, data.val_fraction)
+
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
+        return records_from_fashion_mnist_scenes(path, scene_count=self.scene_count, val_fraction=val_fraction,
+                                                 seed=seed, limit_per_class=self.limit_per_class)

@@ -4,22 +4,28 @@ Supported inputs: a JSON-lines file, a CSV file, a COCO captions json, img2datas
 (``files`` or ``webdataset`` layout) and Fashion-MNIST's IDX files (items, or 2x2 scenes; see
 ``fashion_mnist.py``). Every reader fails with a one-line ``DataError`` that
 names the file and the line or field at fault.
+
+``SOURCES`` registers each kind by name with its options type (a frozen ``SourceOptions`` dataclass,
+the ``data.source_options`` of a config); the Fashion-MNIST modules register theirs.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
 import tarfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import webdataset as wds
 
 from retrieval.errors import ConfigError, DataError
+from retrieval.registry import Registry
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -331,45 +337,105 @@ def _tar_record(sample: dict) -> Record | None:
     return Record(key, sample[ext], "jpg" if ext == "jpeg" else ext, entry[0], entry[1], origin=where)
 
 
-def _fashion_mnist(path: str | os.PathLike | None, image_root: Any = None, **options: Any) -> Iterator[Record]:
-    from retrieval.data.fashion_mnist import records_from_fashion_mnist  # imports this module
+# -- the source registry: each kind with its own typed options (``data.source_options``) ----------
+@dataclass(frozen=True)
+class SourceOptions:
+    """A source kind's own settings (``data.source_options``) and how it reads its records.
 
-    return records_from_fashion_mnist(path, **options)
-
-
-def _fashion_mnist_scenes(path: str | os.PathLike | None, image_root: Any = None, **options: Any) -> Iterator[Record]:
-    from retrieval.data.fashion_mnist_scenes import records_from_fashion_mnist_scenes
-
-    return records_from_fashion_mnist_scenes(path, **options)
-
-
-SOURCES: dict[str, Callable[..., Iterator[Record]]] = {
-    "jsonl": records_from_jsonl,
-    "csv": records_from_csv,
-    "coco": records_from_coco,
-    "img2dataset": records_from_img2dataset,
-    "fashion-mnist": _fashion_mnist,
-    "fashion-mnist-scenes": _fashion_mnist_scenes,
-}
-# Sources that take keyword options (``open_source(..., **options)``); the others take none.
-OPTION_SOURCES = ("fashion-mnist", "fashion-mnist-scenes")
-
-
-def open_source(
-    kind: str, path: str | os.PathLike, image_root: str | os.PathLike | None = None, **options: Any
-) -> Iterator[Record]:
-    """Records of one source by kind; coco's images default to the json's folder, img2dataset ignores image_root.
-
-    ``options`` go to the sources in ``OPTION_SOURCES`` (e.g. fashion-mnist's ``limit_per_class``).
+    Subclasses are frozen dataclasses registered in ``SOURCES``; their fields are the options the
+    config may set, range-checked in ``__post_init__``. ``check`` compares them with the rest of the
+    data section; ``records`` opens ``data.path`` lazily.
     """
-    if kind not in SOURCES:
-        raise ConfigError(f"unknown source kind {kind!r}; choose one of: {', '.join(SOURCES)}")
-    if kind in OPTION_SOURCES:
-        return SOURCES[kind](path, image_root, **options)
-    if options:
-        raise ConfigError(f"source kind {kind!r} takes no options (got {', '.join(sorted(options))})")
-    if kind == "img2dataset":
+
+    def check(self, data: Any) -> None:
+        """Refuse (ConfigError) a data section these options cannot serve; ``data`` is a ``DataConfig``."""
+
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
+        """The records at ``path``; ``seed`` and ``val_fraction`` are ``data.split_seed``/``data.val_fraction``."""
+        raise NotImplementedError
+
+
+SOURCES: Registry[SourceOptions] = Registry("source kind")
+
+
+@SOURCES.register("jsonl")
+@dataclass(frozen=True)
+class JsonlSource(SourceOptions):
+    """JSON lines (``records_from_jsonl``); ``image_root``: folder of the images (default: the file's)."""
+
+    image_root: str | None = None
+
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
+        return records_from_jsonl(path, self.image_root)
+
+
+@SOURCES.register("csv")
+@dataclass(frozen=True)
+class CsvSource(SourceOptions):
+    """A CSV file (``records_from_csv``); ``image_root``: folder of the images (default: the file's)."""
+
+    image_root: str | None = None
+
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
+        return records_from_csv(path, self.image_root)
+
+
+@SOURCES.register("coco")
+@dataclass(frozen=True)
+class CocoSource(SourceOptions):
+    """A COCO captions json (``records_from_coco``); ``image_root``: the image folder (default: the json's)."""
+
+    image_root: str | None = None
+
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
+        return records_from_coco(path, self.image_root if self.image_root is not None else Path(path).parent)
+
+
+@SOURCES.register("img2dataset")
+@dataclass(frozen=True)
+class Img2datasetSource(SourceOptions):
+    """img2dataset output, ``files`` or ``webdataset`` layout (``records_from_img2dataset``); no options."""
+
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
         return records_from_img2dataset(path)
-    if kind == "coco":
-        return records_from_coco(path, image_root if image_root is not None else Path(path).parent)
-    return SOURCES[kind](path, image_root)
+
+
+def source_type(kind: str, where: str = "data.source") -> type[SourceOptions]:
+    """The options type of source ``kind``; an unknown kind → one-line ConfigError naming ``where``."""
+    if kind not in SOURCES:
+        raise ConfigError(f"{where}: unknown source kind {kind!r}; choose one of: {', '.join(SOURCES.names())}")
+    return SOURCES.get(kind)
+
+
+def source_option_names(kind: str) -> tuple[str, ...]:
+    """The options source ``kind`` takes (unknown kind → ConfigError listing the kinds)."""
+    return tuple(f.name for f in dataclasses.fields(source_type(kind)))
+
+
+def make_source_options(kind: str, values: Mapping[str, Any] | None = None, *, where: str = "data.source_options",
+                        coerce: Callable[[Any, Any, str], Any] | None = None) -> SourceOptions:
+    """The typed options of source ``kind`` from a mapping; an option it does not take → one-line ConfigError.
+
+    ``coerce(value, annotation, field)`` converts config values (the config loader's type check).
+    """
+    options_type = source_type(kind)
+    values = dict(values or {})
+    valid = source_option_names(kind)
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) if valid else "none"
+        raise ConfigError(f"{where}: source {kind!r} takes no option {', '.join(unknown)}; valid: {listed}")
+    if coerce is not None:
+        hints = typing.get_type_hints(options_type)
+        values = {name: coerce(value, hints[name], f"{where}.{name}") for name, value in values.items()}
+    return options_type(**values)
+
+
+def open_source(kind: str, path: str | os.PathLike, *, seed: int = 0, val_fraction: float = 0.2,
+                **options: Any) -> Iterator[Record]:
+    """Records of one source by kind, with that kind's ``options`` (e.g. coco's ``image_root``).
+
+    ``seed`` and ``val_fraction`` play the part of ``data.split_seed`` and ``data.val_fraction``.
+    """
+    return make_source_options(kind, options, where="open_source").records(path, seed=seed,
+                                                                               val_fraction=val_fraction)

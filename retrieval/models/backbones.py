@@ -98,11 +98,19 @@ def _torchvision_backbone(name: str, weights: str) -> Backbone:
     if weights not in ("default", "random"):
         _load_into(net, load_state_dict_file(weights), weights)
     head_name = "fc" if hasattr(net, "fc") else "classifier"
-    classifier = getattr(net, head_name)
-    setattr(net, head_name, nn.Identity())
+    head = getattr(net, head_name)
+    # Layers up to a Flatten in the head (ConvNeXt: LayerNorm2d, Flatten) still make the pooled features;
+    # the layers after it are the classifier.
+    layers = list(head) if isinstance(head, nn.Sequential) else [head]
+    cut = max((i + 1 for i, layer in enumerate(layers) if isinstance(layer, nn.Flatten)), default=0)
+    classifier = nn.Sequential(*layers[cut:]) if cut else head
+    setattr(net, head_name, nn.Sequential(*layers[:cut]) if cut else nn.Identity())
     net.eval()
     with torch.no_grad():
-        feature_dim = net(torch.zeros(1, 3, 64, 64)).shape[1]
+        features = net(torch.zeros(1, 3, 64, 64))
+    if features.ndim != 2:
+        raise ValueError(f"backbone {name} gives features of shape {tuple(features.shape)}, not (batch, dim)")
+    feature_dim = features.shape[1]
     return Backbone(module=net, feature_dim=feature_dim, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     classifier=classifier)
 

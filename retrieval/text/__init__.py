@@ -4,6 +4,7 @@ from retrieval.text.captions import (
     WEIGHTINGS,
     CaptionEncoder,
     OOVStats,
+    TextEncoder,
     parse_arithmetic,
     tokenize,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "WEIGHTINGS",
     "CaptionEncoder",
     "OOVStats",
+    "TextEncoder",
     "load_word_vectors",
     "parse_arithmetic",
     "save_word_vectors",

@@ -72,16 +72,30 @@ class OOVStats:
 class TextEncoder:
     """Single captions, queries and word arithmetic on top of a subclass's ``encode_batch``.
 
-    Subclasses provide ``encode_batch(texts) -> (vectors, known mask, stats)``, ``normalize`` and
-    ``_no_vector_error(text, where)``, the error for a text that gives no vector.
+    Subclasses provide ``dim``, ``normalize``, ``encode_batch(texts) -> (vectors, known mask, stats)``,
+    ``_no_vector_error(text, where)`` (the error for a text that gives no vector), ``fingerprint()``
+    (what made the vectors, for index stamps) and ``state_dict()`` (what a checkpoint saves to rebuild
+    the encoder; ``retrieval.targets`` rebuilds it).
     """
 
     normalize: bool
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
 
     def encode_batch(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, OOVStats]:
         raise NotImplementedError
 
     def _no_vector_error(self, text: str, where: str) -> QueryError:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A short digest of what the vectors are made of (an index built with others is refused)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The encoder's own settings as a JSON-serialisable dict (not its vectors or model weights)."""
         raise NotImplementedError
 
     def encode(self, caption: str) -> np.ndarray | None:
@@ -144,6 +158,7 @@ class CaptionEncoder(TextEncoder):
         self.idf: dict[str, float] | None = None
         if idf is not None:
             self._set_idf(idf)
+        self._fingerprint: str | None = None
 
     @property
     def dim(self) -> int:
@@ -216,6 +231,14 @@ class CaptionEncoder(TextEncoder):
 
     def _no_vector_error(self, text: str, where: str) -> QueryError:
         return QueryError(f"no known word in {where}: {_unknown_words(text)}")
+
+    def fingerprint(self) -> str:
+        """The word vectors' fingerprint (``vectors_fingerprint``), computed once."""
+        if self._fingerprint is None:
+            from retrieval.text.vectors import vectors_fingerprint  # vectors.py imports this module
+
+            self._fingerprint = vectors_fingerprint(self.vectors)
+        return self._fingerprint
 
     def state_dict(self) -> dict[str, Any]:
         """Weighting, normalization and idf as a JSON-serializable dict (vectors not included)."""

@@ -268,12 +268,10 @@ class SentenceEncoder(TextEncoder):
         return state
 
     @classmethod
-    def from_state_dict(cls, source: str | os.PathLike | SentenceEncoder, state: dict[str, Any]) -> SentenceEncoder:
-        """Rebuild a saved encoder over a model folder (or a loaded encoder's); another model → DataError."""
+    def from_state_dict(cls, folder: str | os.PathLike, state: dict[str, Any], device: str = "cpu") -> SentenceEncoder:
+        """Rebuild a saved encoder over a model folder; another model → DataError."""
         if not isinstance(state, dict) or state.get("kind") != SENTENCE_KIND:
             raise ConfigError(f"caption encoder state is not a {SENTENCE_KIND} state")
-        folder = source.model_dir if isinstance(source, SentenceEncoder) else source
-        device = source.device if isinstance(source, SentenceEncoder) else "cpu"
         encoder = cls(folder, normalize=bool(state.get("normalize")), max_length=state.get("max_length"), device=device)
         saved = state.get("fingerprint")
         if saved and saved != encoder.fingerprint():
