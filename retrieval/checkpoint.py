@@ -1,4 +1,8 @@
-"""Checkpoints: everything needed to embed images and queries exactly as during training."""
+"""Checkpoints: everything needed to embed images and queries exactly as during training.
+
+The file holds only tensors and plain values and is read without running code (see
+:mod:`retrieval.checkpoint_io`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from retrieval.checkpoint_io import plain_value, read_checkpoint_state, tensor_state
 from retrieval.config import Config, config_from_dict, config_to_dict
 from retrieval.errors import DataError
 from retrieval.io import atomic_path
@@ -34,16 +39,16 @@ def loss_kwargs(config: Config, num_classes: int | None = None) -> dict:
 def save_checkpoint(path: str | Path, *, config: Config, encoder: ImageEncoder, loss: CrossModalLoss,
                     caption_encoder: CaptionEncoder | SentenceEncoder, vectors_fingerprint: str, epoch: int,
                     metrics: dict, num_classes: int | None = None) -> None:
-    """Write a checkpoint atomically (temp file + rename)."""
+    """Write a checkpoint atomically (temp file + rename); every value is a tensor or JSON-like (see checkpoint_io)."""
     state = {
-        "config": config_to_dict(config),
-        "encoder": encoder.state_dict(),
-        "loss": loss.state_dict(),
-        "caption_encoder": caption_encoder.state_dict(),
-        "vectors_fingerprint": vectors_fingerprint,
-        "num_classes": num_classes,
-        "epoch": epoch,
-        "metrics": metrics,
+        "config": plain_value(config_to_dict(config), "config"),
+        "encoder": tensor_state(encoder.state_dict(), "encoder"),
+        "loss": tensor_state(loss.state_dict(), "loss"),
+        "caption_encoder": plain_value(caption_encoder.state_dict(), "caption_encoder"),
+        "vectors_fingerprint": plain_value(vectors_fingerprint, "vectors_fingerprint"),
+        "num_classes": plain_value(num_classes, "num_classes"),
+        "epoch": plain_value(epoch, "epoch"),
+        "metrics": plain_value(metrics, "metrics"),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -85,15 +90,12 @@ class LoadedModel:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """Rebuild encoder, loss and caption encoder from a checkpoint file."""
+    """Rebuild encoder, loss and caption encoder from a checkpoint file (read without running code)."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"checkpoint {file} does not exist; train a model first (retrieval train)")
-    try:
-        state = torch.load(file, map_location=device, weights_only=False)
-        config = config_from_dict(state["config"], str(file))
-    except (KeyError, RuntimeError, EOFError, OSError) as error:
-        raise DataError(f"checkpoint {file} is not readable ({type(error).__name__})") from None
+    state = read_checkpoint_state(file, device)
+    config = config_from_dict(state["config"], str(file))
     vectors = load_vectors(config.text, RunDir.of_checkpoint(file))
     caption_encoder = restore_caption_encoder(vectors, state["caption_encoder"])
     # The checkpoint holds every weight, so the backbone need not load its original file again.
