@@ -1,8 +1,13 @@
-"""Where the app finds its run, index and checkpoint: command line after ``--``, environment, defaults.
+"""Where the app finds its runs, index and checkpoint, and how large an upload it decodes.
 
-Precedence: ``streamlit run app/streamlit_app.py -- --run R --index I --checkpoint C`` beats the
-environment variables ``RETRIEVAL_RUN``, ``RETRIEVAL_INDEX`` and ``RETRIEVAL_CHECKPOINT``, which
-beat the defaults (``runs/demo``, ``<run>/index`` and the checkpoint that built that index).
+Precedence: ``streamlit run app/streamlit_app.py -- --run R --index I --checkpoint C --runs-root D
+--max-upload-pixels N`` beats the environment variables ``RETRIEVAL_RUN``, ``RETRIEVAL_INDEX``,
+``RETRIEVAL_CHECKPOINT``, ``RETRIEVAL_RUNS_ROOT`` and ``RETRIEVAL_MAX_UPLOAD_PIXELS``, which beat the
+defaults (``runs/demo``, ``<run>/index``, the checkpoint that built that index, the folder holding
+the run, 40 megapixels).
+
+The app opens runs only under the runs root: it lists the runs found there, and a run, index or
+checkpoint that resolves outside it (through ``..`` or a link) is refused.
 """
 
 from __future__ import annotations
@@ -14,21 +19,32 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from retrieval.checkpoint import file_fingerprint
-from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, IndexDir, RunDir
+from retrieval.imagefile import check_pixel_limit
+from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, IndexDir, RunDir, RunsRoot
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = Path("runs/demo")
 ENV_RUN, ENV_INDEX, ENV_CHECKPOINT = "RETRIEVAL_RUN", "RETRIEVAL_INDEX", "RETRIEVAL_CHECKPOINT"
+ENV_RUNS_ROOT, ENV_MAX_UPLOAD_PIXELS = "RETRIEVAL_RUNS_ROOT", "RETRIEVAL_MAX_UPLOAD_PIXELS"
+DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
 CHECKPOINT_PREFERENCE = (BEST_CHECKPOINT, LAST_CHECKPOINT)
 
 
 @dataclass(frozen=True)
 class AppSettings:
-    """The starting choice of the sidebar; ``index``/``checkpoint`` None mean "work it out"."""
+    """The starting choice of the sidebar; ``index``/``checkpoint`` None mean "work it out", ``runs_root``
+    None the folder holding ``run``."""
 
     run: Path
     index: Path | None = None
     checkpoint: str | None = None
+    runs_root: Path | None = None
+    max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS
+
+    @property
+    def root(self) -> RunsRoot:
+        """The folder the app opens runs from."""
+        return RunsRoot(self.runs_root) if self.runs_root is not None else RunsRoot.holding(self.run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,17 +54,29 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--run", type=Path, help=f"run directory (default: {DEFAULT_RUN})")
     options.add_argument("--index", type=Path, help="index directory (default: <run>/index)")
     options.add_argument("--checkpoint", help="checkpoint name in <run>/checkpoints or a .pt file")
+    options.add_argument("--runs-root", type=Path,
+                         help="folder of runs: the app opens nothing outside it (default: the folder holding --run)")
+    options.add_argument("--max-upload-pixels",
+                         help=f"largest upload decoded, width × height (default: {DEFAULT_MAX_UPLOAD_PIXELS:,})")
     return options
 
 
 def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> AppSettings:
-    """Settings from command-line options, then environment variables, then defaults."""
+    """Settings from command-line options, then environment variables, then defaults; a bad pixel cap is a
+    one-line ``ConfigError``."""
     environ = os.environ if environ is None else environ
     args, _ = parser().parse_known_args(list(argv))
     run = args.run or _path(environ.get(ENV_RUN)) or default_run()
     index = args.index or _path(environ.get(ENV_INDEX))
     checkpoint = args.checkpoint or environ.get(ENV_CHECKPOINT) or None
-    return AppSettings(Path(run), Path(index) if index else None, checkpoint)
+    runs_root = args.runs_root or _path(environ.get(ENV_RUNS_ROOT))
+    if args.max_upload_pixels is not None:
+        max_pixels = check_pixel_limit(args.max_upload_pixels, "--max-upload-pixels")
+    elif environ.get(ENV_MAX_UPLOAD_PIXELS):
+        max_pixels = check_pixel_limit(environ[ENV_MAX_UPLOAD_PIXELS], ENV_MAX_UPLOAD_PIXELS)
+    else:
+        max_pixels = DEFAULT_MAX_UPLOAD_PIXELS
+    return AppSettings(Path(run), Path(index) if index else None, checkpoint, runs_root, max_pixels)
 
 
 def _path(value: str | None) -> Path | None:

@@ -4,7 +4,9 @@
     streamlit run app/streamlit_app.py -- --run runs/demo [--index DIR] [--checkpoint last.pt]
 
 The run, index and checkpoint can also come from RETRIEVAL_RUN, RETRIEVAL_INDEX and
-RETRIEVAL_CHECKPOINT (see app/settings.py) and be changed in the sidebar.
+RETRIEVAL_CHECKPOINT (see app/settings.py) and be changed in the sidebar, among the runs under the
+runs root (--runs-root, default: the folder holding the run); nothing outside it is opened.
+Uploads are decoded only up to --max-upload-pixels (default 40 megapixels).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from app.settings import (AppSettings, checkpoint_file, default_checkpoint, find
                           load_settings)
 from app.views import caption_list, image_grid, model_card, word_list
 from retrieval.errors import RetrievalError
-from retrieval.rundir import IndexDir, RunDir
+from retrieval.imagefile import open_image
+from retrieval.rundir import IndexDir, RunDir, RunsRoot
 from retrieval.search import ImageHit, ImageToText, Searcher
 
 EXAMPLES = ("a red bus on the street", "a pizza on a table", "a man riding a skateboard", "bus - red + yellow")
@@ -76,21 +79,56 @@ def checkpoint_for(run: str, index: str, names: tuple[str, ...], version: tuple[
     return default_checkpoint(Path(run), Path(index), names)
 
 
+@st.cache_data(ttl=10, show_spinner=False)
+def runs_under(root: str) -> list[str]:
+    """The runs under the runs root, looked up at most every 10 s (every widget change reruns the script)."""
+    return [str(run.path) for run in RunsRoot(root).runs()]
+
+
+def choose_run(settings: AppSettings) -> tuple[RunDir | None, bool]:
+    """The run chosen from those under the runs root, and whether it is the one the app was started on."""
+    root = settings.root
+    start = root.inside(settings.run)
+    if start is None:
+        st.error(f"run {settings.run} lies outside the runs root {root}; the app opens runs only under it "
+                 "(start it with --runs-root DIR)")
+        return None, False
+    runs = {root.label(RunDir(run)): RunDir(run) for run in runs_under(str(root))}
+    start_label = root.label(RunDir(start))
+    if start.is_dir() and start_label not in runs:
+        runs = {start_label: RunDir(start), **runs}
+    if not runs:
+        st.error(f"no run with a checkpoint and an index under {root}; run `retrieval demo` "
+                 f"(or `retrieval index --run {settings.run}`) first")
+        return None, False
+    labels = list(runs)
+    label = st.sidebar.selectbox("Run", labels, index=labels.index(start_label) if start_label in runs else 0,
+                                 key="run", help=f"runs written by `retrieval train` under {root}")
+    return runs[label], label == start_label
+
+
 def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
     """Run / index / checkpoint choice, k and the model card; returns (searcher, its id, k)."""
     bar = st.sidebar
     bar.title("retrieval")
-    run = Path(bar.text_input("Run directory", str(settings.run), help="written by `retrieval train`"))
-    indexes = [str(path) for path in find_indexes(run)]
-    if settings.index is not None and str(settings.index) not in indexes:
+    chosen_run, started_on = choose_run(settings)
+    if chosen_run is None:
+        return None, "", DEFAULT_K
+    run, root = chosen_run.path, settings.root
+    indexes = [str(path) for path in find_indexes(run) if root.inside(path)]  # a link may lead outside
+    if started_on and settings.index is not None and str(settings.index) not in indexes:
         indexes.insert(0, str(settings.index))
-    if not run.is_dir() or not indexes:
+    if not indexes:
         st.error(f"no index in {run}; run `retrieval demo` (or `retrieval index --run {run}`) first")
         return None, "", DEFAULT_K
     index = IndexDir(bar.selectbox("Index", indexes))
-    names = find_checkpoints(run)
+    if root.inside(index.path) is None:
+        st.error(f"index {index} lies outside the runs root {root}; the app opens nothing outside it")
+        return None, "", DEFAULT_K
+    names = [name for name in find_checkpoints(run) if root.inside(RunDir(run).checkpoint(name))]
     files = [RunDir(run).checkpoint(name) for name in names] + [index.stamp_file]
-    chosen = settings.checkpoint or checkpoint_for(str(run), str(index), tuple(names), _version(*files))
+    chosen = (settings.checkpoint if started_on else None) or checkpoint_for(str(run), str(index), tuple(names),
+                                                                             _version(*files))
     if chosen is not None and chosen not in names:
         names.insert(0, chosen)
     if not names:
@@ -99,6 +137,9 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
     checkpoint = bar.selectbox("Checkpoint", names, index=names.index(chosen),
                                help="the index is searched with the checkpoint that built it")
     path = checkpoint_file(run, checkpoint)
+    if root.inside(path) is None:
+        st.error(f"checkpoint {path} lies outside the runs root {root}; the app opens nothing outside it")
+        return None, "", DEFAULT_K
     try:
         searcher = load_searcher(str(path), str(index), _version(path, index.stamp_file))
     except RetrievalError as error:
@@ -140,20 +181,21 @@ def text_search(searcher: Searcher, k: int) -> None:
     image_grid(hits)
 
 
-def image_search(searcher: Searcher, searcher_id: str, k: int) -> None:
-    """An upload: nearest captions and words, nearest images, and the image moved by words."""
-    upload = st.file_uploader("Upload a photo", type=UPLOAD_TYPES, key="upload")
+def image_search(searcher: Searcher, searcher_id: str, k: int, max_pixels: int) -> None:
+    """An upload (at most ``max_pixels`` decoded): nearest captions and words, nearest images, and the image
+    moved by words."""
+    limit = f"Photos up to {max_pixels / 1e6:.3g} megapixels ({max_pixels:,} pixels) are decoded; larger are refused."
+    upload = st.file_uploader("Upload a photo", type=UPLOAD_TYPES, key="upload", help=limit)
     shift = st.text_input("Add or remove words (optional)", key="shift", placeholder="+ snow - grass",
                           help="moves the photo's embedding by word vectors, e.g. `+ snow - grass`")
     if upload is None:
-        st.caption("Upload a photo to see the captions and words nearest to it, and similar photos.")
+        st.caption(f"Upload a photo to see the captions and words nearest to it, and similar photos. {limit}")
         return
     data = upload.getvalue()
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, ValueError):
-        st.error(f"cannot read {upload.name} as an image")
+        image = open_image(io.BytesIO(data), name=upload.name, max_pixels=max_pixels)
+    except RetrievalError as error:
+        st.error(str(error))
         return
     started = time.perf_counter()
     described, similar = describe_image(searcher, searcher_id, data, k)
@@ -178,7 +220,12 @@ def image_search(searcher: Searcher, searcher_id: str, k: int) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="retrieval — image and text search", page_icon="🔎", layout="wide")
-    searcher, searcher_id, k = sidebar(load_settings(script_argv()))
+    try:
+        settings = load_settings(script_argv())
+    except RetrievalError as error:
+        st.error(str(error))
+        return
+    searcher, searcher_id, k = sidebar(settings)
     if searcher is None:
         return
     st.caption(f"Search {len(searcher.images):,} photos by a description (word arithmetic allowed) "
@@ -187,7 +234,7 @@ def main() -> None:
     with by_text:
         text_search(searcher, k)
     with by_image:
-        image_search(searcher, searcher_id, k)
+        image_search(searcher, searcher_id, k, settings.max_upload_pixels)
 
 
 main()

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from retrieval.errors import DataError
-from retrieval.rundir import IndexDir, RunDir
+from retrieval.imagefile import check_pixel_limit
+from retrieval.rundir import IndexDir, RunDir, RunsRoot
 
 from pipelines.common import PROJECT_ROOT
 
@@ -25,16 +26,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "the index, else best.pt, else last.pt)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--address", default="localhost", help="address to listen on (default: localhost)")
+    parser.add_argument("--runs-root", type=Path, help="folder of runs the app may open; it opens nothing outside "
+                                                       "it (default: the folder holding --run)")
+    parser.add_argument("--max-upload-pixels", help="largest upload the app decodes, width × height "
+                                                    "(default: 40000000)")
     return parser.parse_args(argv)
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Refuse (one line) a missing run, index or checkpoint before starting the server."""
+    """Refuse (one line) a missing run, index or checkpoint, one outside ``--runs-root`` or a bad pixel cap
+    before starting the server."""
     if not args.run.is_dir():
         raise DataError(f"run directory {args.run} does not exist; run `retrieval demo` first "
                         "(or pass --run DIR)")
+    if args.max_upload_pixels is not None:
+        check_pixel_limit(args.max_upload_pixels, "--max-upload-pixels")
     run = RunDir(args.run)
     index = IndexDir(args.index) if args.index else run.index
+    if args.runs_root is not None and not args.runs_root.is_dir():
+        raise DataError(f"runs root {args.runs_root} does not exist (--runs-root)")
+    root = RunsRoot(args.runs_root) if args.runs_root is not None else RunsRoot.holding(args.run)
+    opened = [("run", run.path), ("index", index.path)]
+    if args.checkpoint:
+        opened.append(("checkpoint", run.checkpoint(args.checkpoint)))
+    for what, path in opened:
+        if root.inside(path) is None:
+            raise DataError(f"{what} {path} lies outside the runs root {root}; the app opens nothing outside it "
+                            "(pass --runs-root DIR)")
     if not index.exists():
         raise DataError(f"no index in {index}; run `retrieval demo` or `retrieval index --run {args.run}` first")
     if args.checkpoint and not run.checkpoint(args.checkpoint).is_file():
@@ -51,6 +69,10 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
         command += ["--index", str(args.index)]
     if args.checkpoint:
         command += ["--checkpoint", args.checkpoint]
+    if args.runs_root:
+        command += ["--runs-root", str(args.runs_root)]
+    if args.max_upload_pixels is not None:
+        command += ["--max-upload-pixels", str(args.max_upload_pixels)]
     return command
 
 

@@ -1,4 +1,8 @@
-"""Checkpoints: everything needed to embed images and queries exactly as during training."""
+"""Checkpoints: everything needed to embed images and queries exactly as during training.
+
+The file holds only tensors and plain values and is read without running code (see
+:mod:`retrieval.checkpoint_io`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from retrieval.checkpoint_io import plain_value, read_checkpoint_state, tensor_state
 from retrieval.config import Config, config_from_dict, config_to_dict
 from retrieval.errors import DataError
 from retrieval.io import atomic_path
@@ -21,16 +26,18 @@ from retrieval.text import TextEncoder
 
 def save_checkpoint(path: str | Path, *, config: Config, encoder: ImageEncoder, loss: CrossModalLoss,
                     caption_encoder: TextEncoder, epoch: int, metrics: dict, num_classes: int | None = None) -> None:
-    """Write a checkpoint atomically (temp file + rename); the text side is saved as its state and fingerprint."""
+    """Write a checkpoint atomically (temp file + rename); every value is a tensor or JSON-like (see checkpoint_io).
+
+    The text side is saved as its state and fingerprint."""
     state = {
-        "config": config_to_dict(config),
-        "encoder": encoder.state_dict(),
-        "loss": loss.state_dict(),
-        "caption_encoder": caption_encoder.state_dict(),
-        "vectors_fingerprint": caption_encoder.fingerprint(),
-        "num_classes": num_classes,
-        "epoch": epoch,
-        "metrics": metrics,
+        "config": plain_value(config_to_dict(config), "config"),
+        "encoder": tensor_state(encoder.state_dict(), "encoder"),
+        "loss": tensor_state(loss.state_dict(), "loss"),
+        "caption_encoder": plain_value(caption_encoder.state_dict(), "caption_encoder"),
+        "vectors_fingerprint": plain_value(caption_encoder.fingerprint(), "vectors_fingerprint"),
+        "num_classes": plain_value(num_classes, "num_classes"),
+        "epoch": plain_value(epoch, "epoch"),
+        "metrics": plain_value(metrics, "metrics"),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -88,15 +95,12 @@ def upgrade_saved_config(values: dict) -> dict:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """Rebuild encoder, loss and caption encoder from a checkpoint file."""
+    """Rebuild encoder, loss and caption encoder from a checkpoint file (read without running code)."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"checkpoint {file} does not exist; train a model first (retrieval train)")
-    try:
-        state = torch.load(file, map_location=device, weights_only=False)
-        config = config_from_dict(upgrade_saved_config(state["config"]), str(file))
-    except (KeyError, RuntimeError, EOFError, OSError) as error:
-        raise DataError(f"checkpoint {file} is not readable ({type(error).__name__})") from None
+    state = read_checkpoint_state(file, device)
+    config = config_from_dict(upgrade_saved_config(state["config"]), str(file))
     caption_encoder = restore_caption_encoder(config.text, RunDir.of_checkpoint(file), state["caption_encoder"])
     # The checkpoint holds every weight, so the backbone need not load its original file again.
     encoder = create_encoder(dataclasses.replace(config.model, weights="random"), caption_encoder.dim)

@@ -104,6 +104,16 @@ def feature_cache_path(cache_dir: str | Path, backbone: str, weights: str, image
     return Path(cache_dir) / f"{split}-{hashlib.sha1(identity.encode()).hexdigest()[:16]}.pt"
 
 
+def _read_cached_features(path: Path) -> EncodedCollection | None:
+    """A cached split read without running code (``weights_only``); None when missing or unreadable (recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        return EncodedCollection(**torch.load(path, weights_only=True))
+    except Exception:  # a damaged or foreign cache file is a cache miss: torch raises many types
+        return None
+
+
 def split_features(shards: Sequence[str], split: str, features: Callable[[torch.Tensor], torch.Tensor], *,
                    model_config, image_size: int, mean, std, cache_dir: str | None = None,
                    device: str = "cpu", progress: bool = True) -> EncodedCollection:
@@ -111,8 +121,9 @@ def split_features(shards: Sequence[str], split: str, features: Callable[[torch.
     path = None
     if cache_dir:
         path = feature_cache_path(cache_dir, model_config.backbone, model_config.weights, image_size, split, shards)
-        if path.exists():
-            return EncodedCollection(**torch.load(path, weights_only=False))
+        cached = _read_cached_features(path)
+        if cached is not None:
+            return cached
     collection = encode_shards(shards, features, eval_transform(image_size, mean, std), device=device,
                                desc=f"encoding {split} images", progress=progress)
     if path is not None:

@@ -1,14 +1,26 @@
-"""Atomic file writes: artefacts appear whole or not at all (temp file + rename)."""
+"""Atomic file writes: artefacts appear whole or not at all (temp file + rename).
+
+A write goes to ``.NAME.<pid>.<random>.tmp`` beside its target. A writer killed before the rename
+leaves that entry behind; the next write of the same target removes it once its process is gone
+(same machine). Entries of the form ``.NAME.<random>.tmp`` (written before the pid was part of the
+name) are removed when untouched for :data:`STALE_AFTER_SECONDS`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
+
+STALE_AFTER_SECONDS = 3600
+_WRITER_TMP = re.compile(r"(?P<pid>\d+)\.[a-z0-9_]+")  # "<pid>.<random>" between ".NAME." and ".tmp"
+_UNOWNED_TMP = re.compile(r"[a-z0-9_]{8}")  # "<random>" of mkstemp/mkdtemp, from before pids were recorded
 
 
 def _current_umask() -> int:
@@ -29,12 +41,62 @@ def _give_default_permissions(path: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers of ``target`` left beside it; return the removed paths.
+
+    A ``.NAME.<pid>.<random>.tmp`` entry is removed when process ``pid`` no longer runs, so a concurrent
+    writer of the same target keeps its own; temporaries of other targets are never touched.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    prefix, removed = f".{target.name}.", []
+    for entry in target.parent.iterdir():
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        middle = name[len(prefix):-len(".tmp")]
+        owner = _WRITER_TMP.fullmatch(middle)
+        if owner:
+            stale = not _process_alive(int(owner["pid"]))
+        elif _UNOWNED_TMP.fullmatch(middle):
+            try:
+                stale = time.time() - entry.lstat().st_mtime > STALE_AFTER_SECONDS
+            except OSError:
+                continue
+        else:
+            continue
+        if stale:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success (stale ones go first)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -48,10 +110,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; it replaces ``path`` only on success."""
+    """Yield a temporary directory beside ``path``; it replaces ``path`` only on success (stale ones go first)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp_path = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp_path
         _give_default_permissions(tmp_path)

@@ -199,3 +199,59 @@ class RunDir:
             return []
         found = [IndexDir(child) for child in sorted(self.path.iterdir()) if child.is_dir()]
         return sorted((index for index in found if index.is_index()), key=lambda index: index.path.name != INDEX_DIR)
+
+
+@dataclass(frozen=True)
+class RunsRoot:
+    """A folder of run folders: the app lists the runs under it and opens nothing that resolves outside it."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).resolve())
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def holding(cls, run: str | os.PathLike) -> RunsRoot:
+        """The folder that holds ``run`` (``..`` resolved, links kept): the default root of an app on that run."""
+        return cls(Path(os.path.abspath(run)).parent)
+
+    def inside(self, path: str | os.PathLike) -> Path | None:
+        """``path`` with symlinks and ``..`` resolved, or None when that lies outside the root."""
+        resolved = Path(path).resolve()
+        return resolved if resolved.is_relative_to(self.path) else None
+
+    def label(self, run: RunDir) -> str:
+        """A run's path relative to the root (``.`` for the root itself)."""
+        return Path(run.path).resolve().relative_to(self.path).as_posix()
+
+    def runs(self, max_depth: int = 3) -> list[RunDir]:
+        """Run folders (a checkpoint and an index) up to ``max_depth`` folders below the root, by path.
+
+        Hidden folders are skipped, a run's own sub-folders are not searched, and a link is followed only
+        when it resolves inside the root.
+        """
+        found: dict[Path, RunDir] = {}
+        pending, seen = [(self.path, 0)], set()
+        while pending:
+            folder, depth = pending.pop()
+            if folder in seen:
+                continue
+            seen.add(folder)
+            run = RunDir(folder)
+            if run.checkpoint_names() and run.indexes():
+                found.setdefault(folder, run)
+                continue
+            if depth == max_depth:
+                continue
+            try:
+                children = sorted(child for child in folder.iterdir() if not child.name.startswith("."))
+            except OSError:
+                continue
+            for child in children:
+                resolved = self.inside(child)
+                if resolved is not None and resolved.is_dir():
+                    pending.append((resolved, depth + 1))
+        return [found[path] for path in sorted(found)]

@@ -18,6 +18,7 @@ from retrieval.checkpoint import LoadedModel, load_checkpoint
 from retrieval.distances import COSINE, search_distance
 from retrieval.embed import eval_transform
 from retrieval.errors import DataError, QueryError
+from retrieval.imagefile import open_image
 from retrieval.index import VectorIndex
 from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
 
@@ -106,13 +107,9 @@ class Searcher:
         return encoder.encode_query(query)
 
     def image_vector(self, image: Image.Image | str | Path) -> np.ndarray:
-        """An image (PIL or file) in the search space."""
+        """An image (PIL or file) in the search space; a file over PIL's pixel limit or unreadable is a QueryError."""
         if not isinstance(image, Image.Image):
-            try:
-                image = Image.open(image)
-                image.load()
-            except (OSError, ValueError) as error:
-                raise QueryError(f"cannot read image {image}: {type(error).__name__}") from None
+            image = open_image(image)
         pixels = self.transform(image.convert("RGB")).unsqueeze(0).to(next(self.model.encoder.parameters()).device)
         return self.model.embed_images(pixels)[0].cpu().numpy()
 
