@@ -7,7 +7,6 @@ index of a collection that the same checkpoint produced; a mismatch is refused w
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from retrieval.text import tokenize
 IMAGE_INDEX_DIR = "images"
 CAPTION_INDEX_DIR = "captions"
 VOCABULARY_FILE = "vocabulary.json"
-_ARITHMETIC = re.compile(r"\s[+-]\s|^\s*-")
 
 
 @dataclass(frozen=True)
@@ -99,13 +97,9 @@ class Searcher:
 
     # -- query vectors ------------------------------------------------------------------------
     def text_vector(self, query: str) -> np.ndarray:
-        """A query in caption-vector space; ``a - b + c`` is word arithmetic."""
-        if not query.strip():
-            raise QueryError("empty query: type some words")
-        encoder = self.model.caption_encoder
-        if _ARITHMETIC.search(query):
-            return encoder.encode_arithmetic(query)
-        return encoder.encode_query(query)
+        """A query in caption-vector space: a caption, or word arithmetic ``a - b + c``
+        (grammar: ``retrieval.text.query``)."""
+        return self.model.caption_encoder.encode_arithmetic(query)
 
     def image_vector(self, image: Image.Image | str | Path) -> np.ndarray:
         """An image (PIL or file) in the search space."""
@@ -144,8 +138,9 @@ class Searcher:
         return self.images_near(self.image_vector(image), k)
 
     def image_plus_text(self, image: Image.Image | str | Path, text: str, k: int = 5) -> list[ImageHit]:
-        """An image moved by words: ``"+ snow - grass"`` adds and subtracts word vectors."""
-        shift = self.model.caption_encoder.encode_arithmetic(text.strip().removeprefix("+"))
+        """An image moved by words: ``"+ snow - grass"`` adds and subtracts word vectors (same grammar
+        as :meth:`text_vector`; a leading ``+`` is optional)."""
+        shift = self.model.caption_encoder.encode_arithmetic(text)
         return self.images_near(self.image_vector(image) + shift, k)
 
     def image_to_text(self, image: Image.Image | str | Path, k: int = 5) -> ImageToText:

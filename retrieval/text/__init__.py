@@ -4,9 +4,9 @@ from retrieval.text.captions import (
     WEIGHTINGS,
     CaptionEncoder,
     OOVStats,
-    parse_arithmetic,
     tokenize,
 )
+from retrieval.text.query import join_terms, parse_arithmetic
 from retrieval.text.vectors import (
     VECTOR_KINDS,
     load_word_vectors,
@@ -20,6 +20,7 @@ __all__ = [
     "WEIGHTINGS",
     "CaptionEncoder",
     "OOVStats",
+    "join_terms",
     "load_word_vectors",
     "parse_arithmetic",
     "save_word_vectors",
