@@ -22,7 +22,7 @@ from PIL import Image
 
 from app.settings import (AppSettings, checkpoint_file, default_checkpoint, find_checkpoints, find_indexes,
                           load_settings)
-from app.views import caption_list, image_grid, model_card, word_list
+from app.views import caption_list, image_grid, literal, model_card, show_error, word_list
 from retrieval.errors import RetrievalError
 from retrieval.search import ImageHit, ImageToText, Searcher
 
@@ -84,7 +84,8 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
     if settings.index is not None and str(settings.index) not in indexes:
         indexes.insert(0, str(settings.index))
     if not run.is_dir() or not indexes:
-        st.error(f"no index in {run}; run `retrieval demo` (or `retrieval index --run {run}`) first")
+        st.error(f"no index in {literal(run)}; run `retrieval demo` "
+                 f"(or {literal(f'retrieval index --run {run}')}) first")
         return None, "", DEFAULT_K
     index = Path(bar.selectbox("Index", indexes))
     names = find_checkpoints(run)
@@ -93,7 +94,7 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
     if chosen is not None and chosen not in names:
         names.insert(0, chosen)
     if not names:
-        st.error(f"no checkpoint in {run / 'checkpoints'}; train a model with `retrieval train`")
+        st.error(f"no checkpoint in {literal(run / 'checkpoints')}; train a model with `retrieval train`")
         return None, "", DEFAULT_K
     checkpoint = bar.selectbox("Checkpoint", names, index=names.index(chosen),
                                help="the index is searched with the checkpoint that built it")
@@ -101,7 +102,7 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
     try:
         searcher = load_searcher(str(path), str(index), _version(path, index / "images" / "stamp.json"))
     except RetrievalError as error:
-        st.error(str(error))
+        show_error(str(error))
         return None, "", DEFAULT_K
     k = bar.slider("Results (k)", 1, max(1, min(MAX_K, len(searcher.images))),
                    min(DEFAULT_K, len(searcher.images)), key="k")
@@ -132,10 +133,10 @@ def text_search(searcher: Searcher, k: int) -> None:
     try:
         hits = searcher.text_to_image(query, k)
     except RetrievalError as error:
-        st.error(str(error))
+        show_error(str(error))
         return
     elapsed_ms = (time.perf_counter() - started) * 1000
-    st.caption(f"{len(hits)} images for “{query}” · searched in {_ms(elapsed_ms)}")
+    st.caption(f"{len(hits)} images for {literal(query)} · searched in {_ms(elapsed_ms)}")
     image_grid(hits)
 
 
@@ -152,13 +153,13 @@ def image_search(searcher: Searcher, searcher_id: str, k: int) -> None:
         image = Image.open(io.BytesIO(data))
         image.load()
     except (OSError, ValueError):
-        st.error(f"cannot read {upload.name} as an image")
+        st.error(f"cannot read {literal(upload.name)} as an image")
         return
     started = time.perf_counter()
     described, similar = describe_image(searcher, searcher_id, data, k)
     elapsed_ms = (time.perf_counter() - started) * 1000
     photo, text = st.columns([1, 2])
-    photo.image(image, caption=upload.name)
+    photo.image(image, caption=literal(upload.name))
     with text:
         st.markdown("**Nearest captions**")
         caption_list(described.captions)
@@ -168,11 +169,11 @@ def image_search(searcher: Searcher, searcher_id: str, k: int) -> None:
     st.subheader("Similar photos")
     image_grid(similar)
     if shift and shift.strip():
-        st.subheader(f"The photo {shift.strip()}")
+        st.subheader(f"The photo {literal(shift.strip())}")
         try:
             image_grid(move_image(searcher, searcher_id, data, shift, k))
         except RetrievalError as error:
-            st.error(str(error))
+            show_error(str(error))
 
 
 def main() -> None:
