@@ -24,7 +24,7 @@ from PIL import Image
 
 from app.settings import (AppSettings, checkpoint_file, default_checkpoint, find_checkpoints, find_indexes,
                           load_settings)
-from app.views import caption_list, image_grid, model_card, word_list
+from app.views import caption_list, image_grid, literal, model_card, show_error, word_list
 from retrieval.errors import RetrievalError
 from retrieval.imagefile import open_image
 from retrieval.rundir import IndexDir, RunDir, RunsRoot
@@ -90,7 +90,7 @@ def choose_run(settings: AppSettings) -> tuple[RunDir | None, bool]:
     root = settings.root
     start = root.inside(settings.run)
     if start is None:
-        st.error(f"run {settings.run} lies outside the runs root {root}; the app opens runs only under it "
+        st.error(f"run {literal(str(settings.run))} lies outside the runs root {literal(str(root))}; the app opens runs only under it "
                  "(start it with --runs-root DIR)")
         return None, False
     runs = {root.label(RunDir(run)): RunDir(run) for run in runs_under(str(root))}
@@ -98,12 +98,12 @@ def choose_run(settings: AppSettings) -> tuple[RunDir | None, bool]:
     if start.is_dir() and start_label not in runs:
         runs = {start_label: RunDir(start), **runs}
     if not runs:
-        st.error(f"no run with a checkpoint and an index under {root}; run `retrieval demo` "
-                 f"(or `retrieval index --run {settings.run}`) first")
+        st.error(f"no run with a checkpoint and an index under {literal(str(root))}; run `retrieval demo` "
+                 f"(or `retrieval index --run {literal(str(settings.run))}`) first")
         return None, False
     labels = list(runs)
     label = st.sidebar.selectbox("Run", labels, index=labels.index(start_label) if start_label in runs else 0,
-                                 key="run", help=f"runs written by `retrieval train` under {root}")
+                                 key="run", help=f"runs written by `retrieval train` under {literal(str(root))}")
     return runs[label], label == start_label
 
 
@@ -119,11 +119,12 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
     if started_on and settings.index is not None and str(settings.index) not in indexes:
         indexes.insert(0, str(settings.index))
     if not indexes:
-        st.error(f"no index in {run}; run `retrieval demo` (or `retrieval index --run {run}`) first")
+        st.error(f"no index in {literal(str(run))}; run `retrieval demo` "
+                 f"(or {literal(f'retrieval index --run {run}')}) first")
         return None, "", DEFAULT_K
     index = IndexDir(bar.selectbox("Index", indexes))
     if root.inside(index.path) is None:
-        st.error(f"index {index} lies outside the runs root {root}; the app opens nothing outside it")
+        st.error(f"index {literal(str(index))} lies outside the runs root {literal(str(root))}; the app opens nothing outside it")
         return None, "", DEFAULT_K
     names = [name for name in find_checkpoints(run) if root.inside(RunDir(run).checkpoint(name))]
     files = [RunDir(run).checkpoint(name) for name in names] + [index.stamp_file]
@@ -132,24 +133,24 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
     if chosen is not None and chosen not in names:
         names.insert(0, chosen)
     if not names:
-        st.error(f"no checkpoint in {RunDir(run).checkpoints}; train a model with `retrieval train`")
+        st.error(f"no checkpoint in {literal(str(RunDir(run).checkpoints))}; train a model with `retrieval train`")
         return None, "", DEFAULT_K
     checkpoint = bar.selectbox("Checkpoint", names, index=names.index(chosen),
                                help="the index is searched with the checkpoint that built it")
     path = checkpoint_file(run, checkpoint)
     if root.inside(path) is None:
-        st.error(f"checkpoint {path} lies outside the runs root {root}; the app opens nothing outside it")
+        st.error(f"checkpoint {literal(str(path))} lies outside the runs root {literal(str(root))}; the app opens nothing outside it")
         return None, "", DEFAULT_K
     try:
         searcher = load_searcher(str(path), str(index), _version(path, index.stamp_file))
     except RetrievalError as error:
-        st.error(str(error))
+        show_error(str(error))
         return None, "", DEFAULT_K
     k = bar.slider("Results (k)", 1, max(1, min(MAX_K, len(searcher.images))),
                    min(DEFAULT_K, len(searcher.images)), key="k")
     bar.subheader("Model")
     bar.markdown(model_card(searcher, checkpoint))
-    return searcher, f"{path}|{index}|{_version(path, index.stamp_file)}", k
+    return searcher, f"{literal(str(path))}|{literal(str(index))}|{_version(path, index.stamp_file)}", k
 
 
 def _ms(milliseconds: float) -> str:
@@ -174,10 +175,10 @@ def text_search(searcher: Searcher, k: int) -> None:
     try:
         hits = searcher.text_to_image(query, k)
     except RetrievalError as error:
-        st.error(str(error))
+        show_error(str(error))
         return
     elapsed_ms = (time.perf_counter() - started) * 1000
-    st.caption(f"{len(hits)} images for “{query}” · searched in {_ms(elapsed_ms)}")
+    st.caption(f"{len(hits)} images for {literal(query)} · searched in {_ms(elapsed_ms)}")
     image_grid(hits)
 
 
@@ -195,13 +196,13 @@ def image_search(searcher: Searcher, searcher_id: str, k: int, max_pixels: int) 
     try:
         image = open_image(io.BytesIO(data), name=upload.name, max_pixels=max_pixels)
     except RetrievalError as error:
-        st.error(str(error))
+        show_error(str(error))
         return
     started = time.perf_counter()
     described, similar = describe_image(searcher, searcher_id, data, k)
     elapsed_ms = (time.perf_counter() - started) * 1000
     photo, text = st.columns([1, 2])
-    photo.image(image, caption=upload.name)
+    photo.image(image, caption=literal(upload.name))
     with text:
         st.markdown("**Nearest captions**")
         caption_list(described.captions)
@@ -211,11 +212,11 @@ def image_search(searcher: Searcher, searcher_id: str, k: int, max_pixels: int) 
     st.subheader("Similar photos")
     image_grid(similar)
     if shift and shift.strip():
-        st.subheader(f"The photo {shift.strip()}")
+        st.subheader(f"The photo {literal(shift.strip())}")
         try:
             image_grid(move_image(searcher, searcher_id, data, shift, k))
         except RetrievalError as error:
-            st.error(str(error))
+            show_error(str(error))
 
 
 def main() -> None:
@@ -223,7 +224,7 @@ def main() -> None:
     try:
         settings = load_settings(script_argv())
     except RetrievalError as error:
-        st.error(str(error))
+        show_error(str(error))
         return
     searcher, searcher_id, k = sidebar(settings)
     if searcher is None:

@@ -1,7 +1,14 @@
-"""Streamlit building blocks of the app: result grids, text results and the model card."""
+"""Streamlit building blocks of the app: result grids, text results and the model card.
+
+Text that comes from a user or from the data (queries, the words box, file names, captions, keys,
+error messages that echo them) is never read as markdown: it is shown with ``st.text`` when it
+stands alone and as an inline code span (:func:`literal`) inside a markdown sentence, so a link,
+an image or an emphasis in it is shown as typed, not rendered (and no remote image is fetched).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +18,31 @@ from retrieval.losses import describe_loss
 from retrieval.search import ImageHit, Searcher, TextHit
 
 GRID_COLUMNS = 5
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_BACKTICKS = re.compile(r"`+")
+
+
+def one_line(text: object) -> str:
+    """``text`` with every line break replaced by a space."""
+    return _LINE_BREAK.sub(" ", str(text))
+
+
+def literal(text: object) -> str:
+    """``str(text)`` as a markdown inline code span, shown verbatim inside any markdown element.
+
+    The fence is one backtick longer than the longest backtick run of ``text`` and is padded
+    with one space on each side, which CommonMark strips again, so ``text`` may start or end with a
+    backtick. A code span cannot hold a line break, so line breaks become spaces.
+    """
+    text = one_line(text)
+    longest = max((len(run) for run in _BACKTICKS.findall(text)), default=0)
+    fence = "`" * (longest + 1)
+    return f"{fence} {text} {fence}"
+
+
+def show_error(message: str) -> None:
+    """A one-line error box whose message (which may echo user text) is shown verbatim."""
+    st.error(literal(message))
 
 
 def image_grid(hits: Sequence[ImageHit], columns: int = GRID_COLUMNS) -> None:
@@ -22,20 +54,20 @@ def image_grid(hits: Sequence[ImageHit], columns: int = GRID_COLUMNS) -> None:
                 if hit.thumbnail and Path(hit.thumbnail).is_file():
                     st.image(hit.thumbnail)
                 else:
-                    st.caption(f"(no thumbnail for {hit.key})")
+                    st.caption(f"(no thumbnail for {literal(hit.key)})")
                 st.markdown(f"**{rank}.** score `{hit.score:.3f}`")
-                st.caption(hit.captions[0] if hit.captions else hit.key)
+                st.text(one_line(hit.captions[0] if hit.captions else hit.key))
 
 
 def caption_list(hits: Sequence[TextHit]) -> None:
-    """Nearest captions of the collection, best first, with scores."""
-    lines = [f"{rank}. {hit.text} — `{hit.score:.3f}`" for rank, hit in enumerate(hits, 1)]
-    st.markdown("\n".join(lines) if lines else "_no captions in the index_")
+    """Nearest captions of the collection, best first, with scores (plain text, one line each)."""
+    lines = [f"{rank}. {one_line(hit.text)} — {hit.score:.3f}" for rank, hit in enumerate(hits, 1)]
+    st.text("\n".join(lines) if lines else "no captions in the index")
 
 
 def word_list(hits: Sequence[TextHit]) -> None:
-    """Nearest vocabulary words, best first, with cosine scores."""
-    st.markdown(" · ".join(f"**{hit.text}** `{hit.score:.2f}`" for hit in hits) or "_no vocabulary_")
+    """Nearest vocabulary words, best first, with cosine scores (plain text)."""
+    st.text(" · ".join(f"{one_line(hit.text)} {hit.score:.2f}" for hit in hits) or "no vocabulary")
 
 
 def model_card(searcher: Searcher, checkpoint: str) -> str:
@@ -49,7 +81,7 @@ def model_card(searcher: Searcher, checkpoint: str) -> str:
         f"- **word vectors**: {config.text.vectors}, {searcher.model.caption_encoder.dim}-d, "
         f"{config.text.weighting} of words",
         f"- **loss**: {describe_loss(config.loss)}",
-        f"- **checkpoint**: {checkpoint}, epoch {searcher.model.epoch}",
+        f"- **checkpoint**: {literal(checkpoint)}, epoch {searcher.model.epoch}",
         f"- **index**: {images.kind}{f' ({params})' if params else ''}, {images.metric}, "
         f"{len(images):,} images, {len(searcher.captions):,} captions, {len(searcher.words):,} words",
     ]

@@ -7,7 +7,6 @@ index of a collection that the same checkpoint produced; a mismatch is refused w
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,11 @@ from PIL import Image
 from retrieval.checkpoint import LoadedModel, load_checkpoint
 from retrieval.distances import COSINE, search_distance
 from retrieval.embed import eval_transform
-from retrieval.errors import DataError, QueryError
+from retrieval.errors import DataError
 from retrieval.imagefile import open_image
 from retrieval.index import VectorIndex
 from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
 
-_ARITHMETIC = re.compile(r"\s[+-]\s|^\s*-")
 
 
 @dataclass(frozen=True)
@@ -98,13 +96,9 @@ class Searcher:
 
     # -- query vectors ------------------------------------------------------------------------
     def text_vector(self, query: str) -> np.ndarray:
-        """A query in caption-vector space; ``a - b + c`` is word arithmetic."""
-        if not query.strip():
-            raise QueryError("empty query: type some words")
-        encoder = self.model.caption_encoder
-        if _ARITHMETIC.search(query):
-            return encoder.encode_arithmetic(query)
-        return encoder.encode_query(query)
+        """A query in caption-vector space: a caption, or word arithmetic ``a - b + c``
+        (grammar: ``retrieval.text.query``)."""
+        return self.model.caption_encoder.encode_arithmetic(query)
 
     def image_vector(self, image: Image.Image | str | Path) -> np.ndarray:
         """An image (PIL or file) in the search space; a file over PIL's pixel limit or unreadable is a QueryError."""
@@ -136,8 +130,9 @@ class Searcher:
         return self.images_near(self.image_vector(image), k)
 
     def image_plus_text(self, image: Image.Image | str | Path, text: str, k: int = 5) -> list[ImageHit]:
-        """An image moved by words: ``"+ snow - grass"`` adds and subtracts word vectors."""
-        shift = self.model.caption_encoder.encode_arithmetic(text.strip().removeprefix("+"))
+        """An image moved by words: ``"+ snow - grass"`` adds and subtracts word vectors (same grammar
+        as :meth:`text_vector`; a leading ``+`` is optional)."""
+        shift = self.model.caption_encoder.encode_arithmetic(text)
         return self.images_near(self.image_vector(image) + shift, k)
 
     def image_to_text(self, image: Image.Image | str | Path, k: int = 5) -> ImageToText:

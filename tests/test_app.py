@@ -7,9 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
 from app.settings import AppSettings, default_checkpoint, find_checkpoints, load_settings
+from app.views import literal
 from pipelines.app import streamlit_command
 from pipelines.cli import main as cli_main
 from retrieval.checkpoint import file_fingerprint, load_checkpoint
@@ -19,6 +23,9 @@ from retrieval.rundir import IndexDir, RunDir
 
 APP_FILE = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 TIMEOUT = 60  # the first run loads the checkpoint and 400k word vectors
+INJECTION = "[click](http://example.invalid) ![x](http://example.invalid/x.png) **bold**"
+MARKDOWN = MarkdownIt("commonmark").enable(["table", "strikethrough"])  # CommonMark + GFM tables, like st.markdown
+MARKDOWN_ELEMENTS = ("markdown", "caption", "error", "warning", "info", "success", "title", "header", "subheader")
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +95,111 @@ def test_upload_shows_captions_words_and_similar_photos(app, app_index):
     app.slider(key="k").set_value(4).run()
     app.file_uploader(key="upload").set_value((photo.name, photo.read_bytes(), "image/jpeg")).run()
     assert not app.exception and not app.error
-    texts = [m.value for m in app.markdown]
-    captions = texts[texts.index("**Nearest captions**") + 1]
-    assert len(captions.splitlines()) == 4 and captions.startswith("1. ")
-    words = texts[texts.index("**Nearest words**") + 1]
-    assert words.count("**") == 2 * 4
+    texts = [t.value for t in app.text]
+    captions = next(text for text in texts if text.startswith("1. "))
+    assert [line.split(".")[0] for line in captions.splitlines()] == ["1", "2", "3", "4"]
+    words = texts[texts.index(captions) + 1]
+    assert words.count(" · ") == 4 - 1
     assert len(app.image) == 1 + 4  # the upload and its similar photos
     app.text_input(key="shift").input("+ snow - grass").run()
-    assert len(app.image) == 1 + 4 + 4 and "The photo + snow - grass" in [s.value for s in app.subheader]
+    assert len(app.image) == 1 + 4 + 4 and f"The photo {literal('+ snow - grass')}" in [s.value for s in app.subheader]
     app.text_input(key="shift").input("+ qzxv").run()
     assert len(app.error) == 1 and "qzxv" in app.error[0].value
+
+
+def _tokens(body: str) -> list:
+    """Every block and inline token of ``body`` read as markdown."""
+    tokens = []
+    for token in MARKDOWN.parse(body):
+        tokens += [token, *(token.children or [])]
+    return tokens
+
+
+def assert_shown_as_typed(app: AppTest, *typed: str) -> None:
+    """No markdown on the page renders a link, an image or HTML, no bare URL is left for GFM to link,
+    and each of ``typed`` is shown verbatim (inside a code span or as plain text)."""
+    bodies = [element.value for kind in MARKDOWN_ELEMENTS for element in getattr(app, kind)]
+    bodies += [caption for image in app.image for caption in image.captions if caption]
+    verbatim = [text.value for text in app.text]
+    for body in bodies:
+        tokens = _tokens(body)
+        assert not [t for t in tokens if t.type in ("link_open", "image", "html_inline", "html_block")], body
+        assert not [t for t in tokens if t.type == "text" and ("http" in t.content or "www." in t.content)], body
+        verbatim += [t.content for t in tokens if t.type == "code_inline"]
+    for text in typed:
+        assert any(text in shown for shown in verbatim), text
+
+
+def test_markdown_in_a_query_is_shown_as_typed(app):
+    query(app, INJECTION)
+    assert len(app.image) == app.slider(key="k").value and not app.error
+    assert_shown_as_typed(app, INJECTION)
+    assert any(caption.value.startswith(f"{len(app.image)} images for {literal(INJECTION)}") for caption in app.caption)
+
+
+def test_markdown_echoed_in_an_error_is_shown_as_typed(app):
+    typed = "[qzxv](qzxv) ![blorpt](qzxv.blorpt) **qzxv** <qzxv>"
+    query(app, typed)
+    assert len(app.error) == 1 and app.error[0].value.startswith("` no known word in query ")
+    assert_shown_as_typed(app, typed)
+
+
+def test_markdown_in_the_words_box_and_the_file_name_is_shown_as_typed(app, app_index):
+    photo = next((app_index / "thumbnails").iterdir())
+    name = "[x](http://example.invalid) ![y](http://example.invalid/y.png).jpg"
+    app.slider(key="k").set_value(3).run()
+    app.file_uploader(key="upload").set_value((name, photo.read_bytes(), "image/jpeg")).run()
+    words = "+ [snow](http://example.invalid) ![x](http://example.invalid/x.png) **grass**"
+    app.text_input(key="shift").input(words).run()
+    assert not app.exception and not app.error and len(app.image) == 1 + 3 + 3
+    assert_shown_as_typed(app, name, words)
+    app.text_input(key="shift").input("+ [qzxv](qzxv)").run()
+    assert len(app.error) == 1
+    assert_shown_as_typed(app, "[qzxv](qzxv)")
+
+
+def _hostile_results() -> None:
+    """Results whose captions, keys and words hold markdown, drawn by the app's views (an AppTest script)."""
+    from app.views import caption_list, image_grid, word_list
+    from retrieval.search import ImageHit, TextHit
+
+    caption = "![x](http://example.invalid/x.png) [click](http://example.invalid) **bold**\n# heading"
+    key = "[key](http://example.invalid/key) `tick` <b>"
+    image_grid([ImageHit(key, 0.5, [caption], None), ImageHit(key, 0.25, [], None)])
+    caption_list([TextHit(caption, 0.5), TextHit(key, 0.25)])
+    word_list([TextHit("[w](http://example.invalid)", 0.5), TextHit("**w**", 0.25)])
+
+
+def test_captions_keys_and_words_from_the_index_are_shown_as_typed():
+    test = AppTest.from_function(_hostile_results, default_timeout=TIMEOUT)
+    test.run()
+    assert not test.exception
+    caption = "![x](http://example.invalid/x.png) [click](http://example.invalid) **bold** # heading"
+    key = "[key](http://example.invalid/key) `tick` <b>"
+    assert [text.value for text in test.text] == [
+        caption, key, f"1. {caption} — 0.500\n2. {key} — 0.250", "[w](http://example.invalid) 0.50 · **w** 0.25",
+    ]
+    assert test.caption[0].value == f"(no thumbnail for {literal(key)})"
+    assert_shown_as_typed(test, caption, key)
+
+
+def test_literal_hand_computed():
+    assert literal("a *b*") == "` a *b* `"
+    assert literal("say `hi` or ``bye``") == "``` say `hi` or ``bye`` ```"
+    assert literal("x\r\ny\nz") == "` x y z `"
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.text(alphabet=st.characters(exclude_characters="\x00"), max_size=40)
+       | st.text(alphabet="`*_[]()!<>#-+|\\:$ \n\tab", max_size=40))
+def test_literal_is_one_code_span_holding_the_text(text):
+    tokens = _tokens(literal(text))
+    assert [t.type for t in tokens] == ["paragraph_open", "inline", "code_inline", "paragraph_close"]
+    shown = " ".join(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+    if shown.strip(" "):
+        assert tokens[2].content == shown
+    else:  # only spaces: CommonMark keeps the padding, still nothing but spaces
+        assert not tokens[2].content.strip(" ")
 
 
 def test_sidebar_describes_model_and_index(app):

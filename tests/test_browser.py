@@ -112,7 +112,7 @@ def search(page, text: str) -> float:
     box.fill(text)
     started = time.perf_counter()
     box.press("Enter")
-    page.get_by_text(f"for “{text}”").wait_for()
+    page.get_by_text(f"images for {text} · searched in").wait_for()
     return time.perf_counter() - started
 
 
@@ -146,9 +146,22 @@ def test_uploaded_photo_shows_captions_and_similar_photos(page):
     page.get_by_role("tab", name="Image → text and images").click()
     page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(photo))
     page.get_by_text("Nearest captions").wait_for()
-    captions = page.locator("ol li")
-    captions.nth(9).wait_for()
-    assert captions.count() == 10 and all(" — " in text for text in captions.all_inner_texts())
+    captions = page.locator('[data-testid="stText"]').filter(has_text="1. ").first.inner_text().splitlines()
+    assert [line.split(".")[0] for line in captions] == [str(rank) for rank in range(1, 11)]
+    assert all(" — " in line for line in captions)
     page.get_by_text("Similar photos").wait_for()
     result_images(page).nth(10).wait_for()  # the upload and its 10 nearest photos
     assert result_images(page).count() == 11
+
+
+def test_markdown_in_a_query_is_shown_as_typed_and_fetches_nothing(page):
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    typed = "[click](http://example.invalid) ![x](http://example.invalid/x.png) **bold** www.example.invalid"
+    search(page, typed)
+    result_images(page).nth(9).wait_for()
+    assert page.locator("code").filter(has_text=typed).count() == 1
+    assert page.locator('a[href*="example.invalid"]').count() == 0
+    assert page.locator('img[src*="example.invalid"]').count() == 0
+    assert page.locator("strong").filter(has_text="bold").count() == 0
+    assert not [url for url in requested if "example.invalid" in url]

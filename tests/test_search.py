@@ -15,6 +15,7 @@ from retrieval.errors import ConfigError, DataError, QueryError
 from retrieval.indexing import build_index
 from retrieval.rundir import RunDir
 from retrieval.search import Searcher
+from retrieval.text import join_terms, parse_arithmetic
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +146,41 @@ def test_checkpoints_in_the_old_loss_format_still_load(trained_run, tmp_path):
     assert model.config.loss == LossConfig("sigmoid-ce", {}) and model.loss.low.shape == (50,)
     outputs = reference.encoder(pixels)
     assert torch.allclose(model.embed_images(pixels), torch.sigmoid(outputs) * 4.0 - 2.0)
+
+
+@pytest.mark.parametrize(
+    "query, terms",
+    [
+        ("dog -cat", [(1, "dog"), (-1, "cat")]),
+        ("dog- cat", [(1, "dog"), (-1, "cat")]),
+        ("dog - cat", [(1, "dog"), (-1, "cat")]),
+        ("dog+cat", [(1, "dog"), (1, "cat")]),
+        ("dog\u2212cat", [(1, "dog"), (-1, "cat")]),
+        ("t-shirt", [(1, "t-shirt")]),
+        ("-dog", [(-1, "dog")]),
+    ],
+)
+def test_search_reads_queries_with_the_parser_grammar(searcher, query, terms):
+    """Search and ``parse_arithmetic`` agree: the query vector is the signed sum of the parsed terms."""
+    assert parse_arithmetic(query) == terms
+    encoder = searcher.model.caption_encoder
+    vector = searcher.text_vector(query)
+    if terms == [(1, query)]:  # one term: exactly the caption path
+        np.testing.assert_array_equal(vector, encoder.encode_query(query))
+        return
+    expected = sum(sign * encoder.encode(term).astype(np.float64) for sign, term in terms)
+    if encoder.normalize:
+        expected = expected / np.linalg.norm(expected)
+    np.testing.assert_allclose(vector, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(vector, searcher.text_vector(join_terms(terms)))
+
+
+def test_image_plus_text_moves_the_image_by_the_parsed_words(searcher):
+    first = searcher.images.metadata_for([0])[0]
+    image = searcher.index_dir.file(first["thumbnail"])
+    moved = searcher.image_vector(image) + searcher.text_vector("snow - grass")
+    expected = [hit.key for hit in searcher.images_near(moved, 4)]
+    for words in ("+ snow - grass", "snow -grass", "\uff0bsnow\u2212grass"):
+        assert [hit.key for hit in searcher.image_plus_text(image, words, k=4)] == expected
+    with pytest.raises(QueryError, match="missing term"):
+        searcher.image_plus_text(image, "+ snow -", k=4)

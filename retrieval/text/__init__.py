@@ -5,9 +5,9 @@ from retrieval.text.captions import (
     CaptionEncoder,
     OOVStats,
     TextEncoder,
-    parse_arithmetic,
     tokenize,
 )
+from retrieval.text.query import join_terms, parse_arithmetic
 from retrieval.text.vectors import (
     VECTOR_KINDS,
     load_word_vectors,
@@ -22,6 +22,7 @@ __all__ = [
     "CaptionEncoder",
     "OOVStats",
     "TextEncoder",
+    "join_terms",
     "load_word_vectors",
     "parse_arithmetic",
     "save_word_vectors",

@@ -1,5 +1,5 @@
 """Captions and queries to vectors: tokenizer, (tf-idf) weighted mean of word vectors, OOV
-accounting and word arithmetic ("dog - grass + snow")."""
+accounting and word arithmetic ("dog - grass + snow", grammar in ``retrieval.text.query``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import scipy.sparse
 from gensim.models import KeyedVectors
 
 from retrieval.errors import ConfigError, DataError, QueryError
+from retrieval.text.query import parse_arithmetic
 
 WEIGHTINGS = ("mean", "tfidf")
 
@@ -24,8 +25,6 @@ _CONTRACTIONS = (
 )
 _CLITIC = re.compile(r"['’](?:s|re|ve|ll|d|m)\b")
 _WORD = re.compile(r"[^\W_]+")
-# '+' is always an operator; '-' is one unless it joins two letters/digits ("t-shirt").
-_OPERATOR = re.compile(r"\s*(\+|(?<![^\W_])-|-(?![^\W_]))\s*")
 
 
 def tokenize(text: str) -> list[str]:
@@ -111,13 +110,17 @@ class TextEncoder:
         return vector
 
     def encode_arithmetic(self, query: str) -> np.ndarray:
-        """Signed sum of the term vectors of ``query`` (see ``parse_arithmetic``).
+        """The vector of any query: a caption, or the signed sum of its terms ("dog - grass + snow").
 
-        Each term is encoded like a caption (unit length if ``normalize``); with ``normalize``
-        the sum is L2-normalized too. Raises ``QueryError`` for a term that gives no vector or a
-        sum that cancels to zero ("dog - dog").
+        ``parse_arithmetic`` splits the query. A single positive term is encoded exactly like a
+        caption (``encode_query``). Otherwise each term is encoded like a caption (unit length if
+        ``normalize``) and, with ``normalize``, the sum is L2-normalized too. Raises ``QueryError``
+        for a query the grammar refuses, a term that gives no vector or a sum that cancels to zero
+        ("dog - dog").
         """
         terms = parse_arithmetic(query)
+        if len(terms) == 1 and terms[0][0] == 1:
+            return self.encode_query(terms[0][1])
         vectors, known, _ = self.encode_batch([term for _, term in terms])
         total = np.zeros(vectors.shape[1], dtype=np.float64)
         for (sign, term), vector, ok in zip(terms, vectors, known):
@@ -264,26 +267,3 @@ def _unknown_words(text: str) -> str:
     """"unknown words: a, b" for the tokens of ``text``, or a note that it has no words."""
     words = list(dict.fromkeys(tokenize(text)))
     return f"unknown words: {', '.join(words)}" if words else "it contains no words"
-
-
-def parse_arithmetic(query: str) -> list[tuple[int, str]]:
-    """Split "red car - red + blue" into [(1, "red car"), (-1, "red"), (1, "blue")].
-
-    Terms are separated by '+' or '-'; the first term is positive unless preceded by '-'.
-    A '-' between two letters/digits is a hyphen ("t-shirt"), not an operator.
-    Raises ``QueryError`` for an empty query or an empty term ("dog + - cat", "dog -").
-    """
-    parts = _OPERATOR.split(query.strip())
-    if not query.strip():
-        raise QueryError("empty query")
-    terms: list[tuple[int, str]] = []
-    first = parts[0]
-    if first:
-        terms.append((1, first))
-    elif len(parts) == 1:
-        raise QueryError("empty query")
-    for operator, term in zip(parts[1::2], parts[2::2]):
-        if not term:
-            raise QueryError(f"empty term after {operator!r} in query {query!r}")
-        terms.append((1 if operator == "+" else -1, term))
-    return terms
