@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.embed import EncodedCollection, encode_shards, eval_transform
+from retrieval.embed import EncodedCollection
 from retrieval.errors import ConfigError, DataError
 
 
@@ -89,16 +89,3 @@ def conse_collection(features: EncodedCollection, classifier: nn.Module, caption
     vectors = conse_embeddings(features.vectors, classifier, caption_encoder, top_t, class_names)
     return EncodedCollection(torch.from_numpy(vectors), list(features.keys), list(features.captions),
                              list(features.meta))
-
-
-def conse_encode_shards(shards: Sequence[str], backbone: Any, caption_encoder: Any, *, top_t: int = 10,
-                        image_size: int = 224, batch_size: int = 32, device: str = "cpu",
-                        class_names: Sequence[str] | None = None) -> EncodedCollection:
-    """Every image of ``shards`` (in order) as its ConSE vector, from a backbone with an ImageNet head."""
-    if backbone.classifier is None:
-        raise ConfigError("ConSE needs a backbone whose weights ship an ImageNet classifier head")
-    _check_top_t(top_t)
-    transform = eval_transform(image_size, backbone.mean, backbone.std)
-    features = encode_shards(shards, backbone.module.to(device).eval(), transform, batch_size=batch_size,
-                             device=device, desc="ConSE: encoding images")
-    return conse_collection(features, backbone.classifier.to(device), caption_encoder, top_t, class_names)

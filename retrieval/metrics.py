@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -59,21 +59,6 @@ class RetrievalMetrics:
         out["num_queries"] = self.num_queries
         return out
 
-    def format_table(self, title: str = "", chance: Mapping[int, float] | None = None) -> str:
-        """A small text table (percentages); ``chance`` (K -> R@K of random ranking) adds a row."""
-        cols = [f"R@{k}" for k in self.recall] + [f"P@{k}" for k in self.precision]
-        cols += ["mAP", "MedR", "MeanR"]
-        pct = [*self.recall.values(), *self.precision.values(), self.mean_average_precision]
-        vals = [f"{100 * v:.2f}" for v in pct] + [f"{self.median_rank:.1f}", f"{self.mean_rank:.1f}"]
-        label = f"{title or 'metrics'} (n={self.num_queries})"
-        rows = [("", cols), (label, vals)]
-        if chance is not None:
-            rows.append(("chance", [f"{100 * chance[k]:.2f}" if k in chance else "" for k in self.recall]))
-        first = max(len(name) for name, _ in rows)
-        width = max(len(c) for _, cells in rows for c in cells)
-        return "\n".join(
-            f"{name:<{first}}" + "".join(f"  {c:>{width}}" for c in cells) for name, cells in rows
-        )
 
 
 def retrieval_metrics(
@@ -253,33 +238,6 @@ class _Block:
         ap = np.add.reduceat(m / rank, self.offsets[:-1]) / self.r
         hits = {k: np.add.reduceat((rank <= k).astype(np.int64), self.offsets[:-1]) for k in ks}
         return first, ap, hits
-
-
-def cross_modal_metrics(
-    image_emb: Any,
-    caption_emb: Any,
-    caption_image_ids: Any,
-    ks: Sequence[int] = (1, 5, 10),
-    *,
-    distance: Distance | str = "l2",
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> dict[str, RetrievalMetrics]:
-    """``text_to_image`` (captions query images) and ``image_to_text`` (images query captions).
-
-    ``caption_image_ids[c]`` is the row of ``image_emb`` that caption ``c`` describes.
-    """
-    images, captions = _as_matrix(image_emb, "image_emb"), _as_matrix(caption_emb, "caption_emb")
-    ids = _as_labels(caption_image_ids, len(captions), "caption_image_ids")
-    if ids.min() < 0 or ids.max() >= len(images):
-        raise DataError(f"caption_image_ids must lie in [0, {len(images)}): got {ids.min()}..{ids.max()}")
-    if (orphans := len(images) - len(np.unique(ids))) > 0:
-        raise DataError(f"{orphans} of {len(images)} images have no caption in caption_image_ids")
-    image_ids = np.arange(len(images))
-    kw = dict(ks=ks, distance=distance, max_bytes=max_bytes)
-    return {
-        "text_to_image": retrieval_metrics(captions, images, ids, image_ids, **kw),
-        "image_to_text": retrieval_metrics(images, captions, image_ids, ids, **kw),
-    }
 
 
 def chance_recall(k: int, num_items: int, num_relevant_per_query: int = 1) -> float:

@@ -8,11 +8,9 @@ import torch
 from gensim.models import KeyedVectors
 from torch import nn
 
-from retrieval.conse import conse_collection, conse_embeddings, conse_encode_shards, imagenet_class_names
-from retrieval.data import list_shards
+from retrieval.conse import conse_collection, conse_embeddings, imagenet_class_names
 from retrieval.embed import EncodedCollection
 from retrieval.errors import ConfigError, DataError
-from retrieval.models.backbones import Backbone
 from retrieval.text import CaptionEncoder
 
 WORDS = {"cat": [1.0, 0.0, 0.0], "dog": [0.0, 1.0, 0.0], "sports": [0.0, 0.0, 2.0], "car": [0.0, 0.0, 4.0]}
@@ -94,16 +92,8 @@ def test_imagenet_names_offline() -> None:
     assert len(names) == 1000 and names[0] == "tench" and names[963] == "pizza" and names[404] == "airliner"
 
 
-def test_collection_and_shards(encoder: CaptionEncoder, sample_shards) -> None:
+def test_collection_keeps_keys_captions_and_meta(encoder: CaptionEncoder) -> None:
     features = EncodedCollection(torch.eye(4)[:2], ["a", "b"], [["x"], ["y"]], [{"k": 1}, {}])
     collection = conse_collection(features, identity_head(), encoder, top_t=1, class_names=NAMES)
     assert collection.keys == ["a", "b"] and collection.meta == [{"k": 1}, {}]
     np.testing.assert_allclose(collection.vectors.numpy(), [[1, 0, 0], [0, 1, 0]])
-    trunk = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
-    backbone = Backbone(trunk, 4, (0.5,) * 3, (0.5,) * 3, classifier=identity_head())
-    shards = list_shards(sample_shards, "val")
-    encoded = conse_encode_shards(shards, backbone, encoder, top_t=2, image_size=32, class_names=NAMES)
-    assert encoded.vectors.shape == (25, 3) and len(encoded.keys) == 25
-    assert torch.isfinite(encoded.vectors).all()
-    with pytest.raises(ConfigError, match="classifier head"):
-        conse_encode_shards(shards, Backbone(trunk, 4, (0.5,) * 3, (0.5,) * 3), encoder)

@@ -14,10 +14,10 @@ from retrieval.losses.miners import (
     farthest_bank,
     farthest_k,
     hardest_negatives,
-    mine_triplets,
     positive_mask,
     sample_from_bank,
     split_pairs,
+    triplet_selection,
     triplet_type,
 )
 
@@ -33,6 +33,12 @@ EXPECTED = {
     "easy": {(0, 0, 2), (2, 2, 0)},
 }
 EXPECTED["all"] = EXPECTED["hard"] | EXPECTED["semihard"]
+
+
+def mine_triplets(distances, labels, ref_labels, margin, kind):
+    """The (anchor, positive, negative) triplets that ``triplet_selection`` keeps (what triplet-mined trains on)."""
+    (anchor, positive, negative), keep = triplet_selection(distances, labels, ref_labels, margin, kind)
+    return anchor[keep], positive[keep], negative[keep]
 
 
 def as_set(triplets: tuple[torch.Tensor, ...]) -> set[tuple[int, ...]]:

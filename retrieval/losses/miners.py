@@ -84,18 +84,6 @@ def triplet_selection(
     return (anchor, positive, negative), keep
 
 
-def mine_triplets(
-    distances: torch.Tensor,
-    labels: torch.Tensor,
-    ref_labels: torch.Tensor | None = None,
-    margin: float = 0.2,
-    kind: str = "all",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(anchor, positive, negative) indices of the triplets of type ``kind`` (see module doc)."""
-    (anchor, positive, negative), keep = triplet_selection(distances, labels, ref_labels, margin, kind)
-    return anchor[keep], positive[keep], negative[keep]
-
-
 def hardest_negatives(distances: torch.Tensor, negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the closest column among ``negatives`` and whether the row has any negative."""
     masked = distances.masked_fill(~negatives, float("inf"))
