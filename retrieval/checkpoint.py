@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from retrieval.config import Config, config_from_dict, config_to_dict
+from retrieval.config import Config, TextConfig, config_from_dict, config_to_dict
 from retrieval.errors import DataError
 from retrieval.io import atomic_path
 from retrieval.losses import LOSSES, CrossModalLoss, create_loss
 from retrieval.models import ImageEncoder, create_encoder
 from retrieval.rundir import RunDir
-from retrieval.targets import load_vectors, restore_caption_encoder
+from retrieval.targets import load_vectors, restore_caption_encoder, vectors_fingerprint
 from retrieval.text import CaptionEncoder
-from retrieval.text.sentence import SentenceEncoder
+from retrieval.text.sentence import SENTENCE_KIND, SentenceEncoder
 
 
 def loss_kwargs(config: Config, num_classes: int | None = None) -> dict:
@@ -84,6 +84,25 @@ class LoadedModel:
         return self.loss.embed(self.encoder.embed_features(features))
 
 
+def _vectors_source(text: TextConfig, run: RunDir) -> str:
+    """Where the text side of ``text`` is read from, for messages: the vectors file or model folder."""
+    if text.vectors == SENTENCE_KIND:
+        return f"sentence model {text.vectors_path or 'all-MiniLM-L6-v2 (packaged)'}"
+    if text.vectors == "word2vec-captions":
+        return f"word vectors {run.caption_word2vec}"
+    return f"word vectors {text.vectors_path or f'{text.vectors} (packaged)'}"
+
+
+def check_vectors(vectors, trained_with: str, text: TextConfig, run: RunDir) -> str:
+    """The fingerprint of the text side actually loaded; one that differs from the one the model was trained
+    with (``trained_with``, from the checkpoint) is refused, since every answer would silently change."""
+    loaded = vectors_fingerprint(vectors)
+    if loaded != trained_with:
+        raise DataError(f"{_vectors_source(text, run)} differ from the ones this model was trained with "
+                        f"(fingerprint {loaded}, trained with {trained_with}); restore them or train again")
+    return loaded
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     """Rebuild encoder, loss and caption encoder from a checkpoint file."""
     file = Path(path)
@@ -95,6 +114,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     except (KeyError, RuntimeError, EOFError, OSError) as error:
         raise DataError(f"checkpoint {file} is not readable ({type(error).__name__})") from None
     vectors = load_vectors(config.text, RunDir.of_checkpoint(file))
+    fingerprint = check_vectors(vectors, state["vectors_fingerprint"], config.text, RunDir.of_checkpoint(file))
     caption_encoder = restore_caption_encoder(vectors, state["caption_encoder"])
     # The checkpoint holds every weight, so the backbone need not load its original file again.
     encoder = create_encoder(dataclasses.replace(config.model, weights="random"), caption_encoder.dim)
@@ -102,5 +122,5 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     loss = create_loss(config.loss.name, **loss_kwargs(config, state.get("num_classes")))
     loss.load_state_dict(state["loss"])
     encoder.to(device).eval()
-    return LoadedModel(config, encoder, loss.to(device), caption_encoder, state["vectors_fingerprint"],
+    return LoadedModel(config, encoder, loss.to(device), caption_encoder, fingerprint,
                        file_fingerprint(file), state["epoch"], state["metrics"])

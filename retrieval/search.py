@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.checkpoint import LoadedModel, load_checkpoint
+from retrieval.data.images import image_error_text
 from retrieval.embed import eval_transform
 from retrieval.errors import DataError, QueryError
 from retrieval.index import VectorIndex
@@ -102,11 +103,12 @@ class Searcher:
     def image_vector(self, image: Image.Image | str | Path) -> np.ndarray:
         """An image (PIL or file) in the search space."""
         if not isinstance(image, Image.Image):
+            path = image
             try:
-                image = Image.open(image)
+                image = Image.open(path)
                 image.load()
-            except (OSError, ValueError) as error:
-                raise QueryError(f"cannot read image {image}: {type(error).__name__}") from None
+            except (OSError, ValueError) as error:  # the file, not the half-read image object, is named
+                raise QueryError(f"cannot read image {path}: {image_error_text(error)}") from None
         pixels = self.transform(image.convert("RGB")).unsqueeze(0).to(next(self.model.encoder.parameters()).device)
         return self.model.embed_images(pixels)[0].cpu().numpy()
 
