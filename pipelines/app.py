@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from retrieval.errors import DataError
+from retrieval.errors import ConfigError, DataError
 from retrieval.imagefile import check_pixel_limit
 from retrieval.rundir import IndexDir, RunDir, RunsRoot
 
@@ -34,8 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Refuse (one line) a missing run, index or checkpoint, one outside ``--runs-root`` or a bad pixel cap
-    before starting the server."""
+    """Refuse (one line) a port out of range, a missing run, index or checkpoint, one outside ``--runs-root``
+    or a bad pixel cap before starting the server."""
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: a port is a number from 1 to 65535")
     if not args.run.is_dir():
         raise DataError(f"run directory {args.run} does not exist; run `retrieval demo` first "
                         "(or pass --run DIR)")

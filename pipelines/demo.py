@@ -1,7 +1,7 @@
 """``retrieval demo``: prepare → train → index → search on the embedded COCO sample, in minutes on a CPU.
 
 Prints held-out text→image and image→text R@1/5/10 next to the chance level, then a few example
-queries on images the model never trained on.
+queries on images the model never trained on. Running it again replaces the demo's run in ``train.run_dir``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      {manifest.counts['train']} train / {manifest.counts['val']} held-out images")
     print(f"[2/4] training {config.model.backbone} + {config.model.projection} projection "
           f"with the loss {describe_loss(config.loss)} for {config.train.epochs} epochs")
-    result = fit(config)
+    result = fit(config, overwrite=True)  # the demo's own run folder: a second demo replaces the first
     print("[3/4] indexing the held-out images")
     # The held-out split is this sample's only evaluation set, so the demo reports and searches with
     # the final checkpoint rather than the one that scored best on it.

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args(argv)
     report = evaluate_run(args.run, checkpoint=args.checkpoint, shards=args.shards, split=args.split,
-                          ks=tuple(args.ks) if args.ks else None, device=resolve_device(args.device))
+                          ks=tuple(args.ks) if args.ks else None, device=resolve_device(args.device, "--device"))
     out = args.out or RunDir(args.run).evaluation_report
     write_json(out, report.to_json())
     print(f"{report.checkpoint} (epoch {report.epoch}) on {report.split} of {report.shard_dir}")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from retrieval.console import image_query_results, text_query_results
+from retrieval.errors import QueryError
 from retrieval.search import open_searcher
 
 
@@ -19,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=Path, help="index directory (default: <run>/index)")
     parser.add_argument("-k", type=int, default=5, help="number of results")
     args = parser.parse_args(argv)
+    if args.text is not None and not args.text.strip():
+        raise QueryError("--text is empty: type some words")
     searcher = open_searcher(args.run, args.checkpoint, args.index)
-    print(text_query_results(searcher, args.text, args.k) if args.text
+    print(text_query_results(searcher, args.text, args.k) if args.text is not None
           else image_query_results(searcher, args.image, args.k))
     return 0

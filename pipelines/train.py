@@ -24,8 +24,11 @@ def summarize(result: TrainResult, ks=(1, 5, 10)) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retrieval train", description=__doc__)
     add_config_args(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in train.run_dir (its config, metrics, checkpoints, "
+                             "vectors, reports and indexes); without it such a folder is refused")
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    result = fit(config)
+    result = fit(config, overwrite=args.overwrite)
     print(summarize(result, config.train.ks))
     return 0

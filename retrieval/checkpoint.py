@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from retrieval.checkpoint_io import plain_value, read_checkpoint_state, tensor_state
-from retrieval.config import Config, config_from_dict, config_to_dict
+from retrieval.config import Config, TextConfig, config_from_dict, config_to_dict
 from retrieval.errors import DataError
 from retrieval.io import atomic_path
 from retrieval.losses import CrossModalLoss, build_loss
@@ -22,6 +22,7 @@ from retrieval.models import ImageEncoder, create_encoder
 from retrieval.rundir import RunDir
 from retrieval.targets import restore_caption_encoder
 from retrieval.text import TextEncoder
+from retrieval.text.sentence import SENTENCE_KIND
 
 
 def save_checkpoint(path: str | Path, *, config: Config, encoder: ImageEncoder, loss: CrossModalLoss,
@@ -94,6 +95,25 @@ def upgrade_saved_config(values: dict) -> dict:
     return {**values, "loss": {"name": loss.get("name", "triplet"), **settings}}
 
 
+def _vectors_source(text: TextConfig, run: RunDir) -> str:
+    """Where the text side of ``text`` is read from, for messages: the vectors file or model folder."""
+    if text.vectors == SENTENCE_KIND:
+        return f"sentence model {text.vectors_path or 'all-MiniLM-L6-v2 (packaged)'}"
+    if text.vectors == "word2vec-captions":
+        return f"word vectors {run.caption_word2vec}"
+    return f"word vectors {text.vectors_path or f'{text.vectors} (packaged)'}"
+
+
+def check_vectors(caption_encoder: TextEncoder, trained_with: str, text: TextConfig, run: RunDir) -> str:
+    """The fingerprint of the text side actually loaded; one that differs from the one the model was trained
+    with (``trained_with``, from the checkpoint) is refused, since every answer would silently change."""
+    loaded = caption_encoder.fingerprint()
+    if loaded != trained_with:
+        raise DataError(f"{_vectors_source(text, run)} differ from the ones this model was trained with "
+                        f"(fingerprint {loaded}, trained with {trained_with}); restore them or train again")
+    return loaded
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     """Rebuild encoder, loss and caption encoder from a checkpoint file (read without running code)."""
     file = Path(path)
@@ -102,6 +122,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     state = read_checkpoint_state(file, device)
     config = config_from_dict(upgrade_saved_config(state["config"]), str(file))
     caption_encoder = restore_caption_encoder(config.text, RunDir.of_checkpoint(file), state["caption_encoder"])
+    fingerprint = check_vectors(caption_encoder, state["vectors_fingerprint"], config.text, RunDir.of_checkpoint(file))
     # The checkpoint holds every weight, so the backbone need not load its original file again.
     encoder = create_encoder(dataclasses.replace(config.model, weights="random"), caption_encoder.dim)
     encoder.load_state_dict(state["encoder"])
@@ -109,5 +130,5 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
                       embedding_dim=caption_encoder.dim)
     loss.load_state_dict(state["loss"])
     encoder.to(device).eval()
-    return LoadedModel(config, encoder, loss.to(device), caption_encoder, state["vectors_fingerprint"],
+    return LoadedModel(config, encoder, loss.to(device), caption_encoder, fingerprint,
                        file_fingerprint(file), state["epoch"], state["metrics"])

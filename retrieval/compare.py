@@ -272,7 +272,7 @@ def train_run(spec: CompareSpec, variant: VariantSpec, seed: int, data: _Data, r
     if reuse and (old := _saved_run(saved, identity)) is not None:
         return old
     started = time.perf_counter()
-    result = fit(config, progress=False)
+    result = fit(config, progress=False, overwrite=True)  # this comparison's own run folder, not reusable
     wall = time.perf_counter() - started
     device = resolve_device(config.train.device)
     model = load_checkpoint(RunDir(result.run_dir).checkpoint(spec.checkpoint), device=device)

@@ -6,6 +6,7 @@ Every run saves the resolved config beside its outputs, so a run can be reproduc
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,49 @@ import yaml
 
 from retrieval.errors import ConfigError
 from retrieval.io import atomic_path
+
+# declared ranges of numeric fields: metadata key → (test, words for the message)
+_BOUNDS = {"ge": (operator.ge, "at least"), "gt": (operator.gt, "greater than"),
+           "le": (operator.le, "at most"), "lt": (operator.lt, "less than")}
+
+
+def ranged(default: Any, **bounds: float) -> Any:
+    """A dataclass field whose value (each item, for a tuple) must satisfy ``bounds`` (``ge``, ``gt``, ``le``, ``lt``).
+
+    The range is checked whenever a config is built from a file, a dict or ``--set`` (and by :func:`check_ranges`);
+    ``None`` in an optional field is always allowed.
+    """
+    unknown = sorted(set(bounds) - set(_BOUNDS))
+    if unknown:
+        raise TypeError(f"unknown bound(s) {', '.join(unknown)}; use {', '.join(_BOUNDS)}")
+    return field(default=default, metadata={"range": bounds})
+
+
+def _check_range(spec: dataclasses.Field, value: Any, where: str) -> None:
+    bounds = spec.metadata.get("range")
+    if not bounds or value is None:
+        return
+    if isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _check_range(spec, item, f"{where}[{i}]")
+        return
+    for name, bound in bounds.items():
+        if not _BOUNDS[name][0](value, bound):
+            limits = " and ".join(f"{_BOUNDS[n][1]} {b}" for n, b in bounds.items())
+            raise ConfigError(f"{where}: must be {limits}, got {value!r}")
+
+
+def check_ranges(instance: Any, where: str = "config") -> None:
+    """Check every declared range of a dataclass instance and its nested dataclasses (one-line ConfigError).
+
+    For configs made in code (``dataclasses.replace``), which never pass through the config builder.
+    """
+    for spec in dataclasses.fields(instance):
+        value = getattr(instance, spec.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{where}.{spec.name}")
+        else:
+            _check_range(spec, value, f"{where}.{spec.name}")
 
 
 @dataclass(frozen=True)
@@ -31,12 +75,12 @@ class DataConfig:
     path: str = "data/coco-mini/captions.jsonl"
     source_options: Any = None  # the source's SourceOptions (a mapping in YAML)
     shard_dir: str = "runs/demo/shards"
-    shard_size: int = 1000
+    shard_size: int = ranged(1000, ge=1)
     split_by: str = "split"  # "hash", or a metadata field holding train/val
-    val_fraction: float = 0.2
+    val_fraction: float = ranged(0.2, ge=0.0, le=1.0)
     split_seed: int = 0
-    image_size: int = 224
-    num_workers: int = 0
+    image_size: int = ranged(224, ge=1)
+    num_workers: int = ranged(0, ge=0)
 
     def __post_init__(self) -> None:
         from retrieval.data.sources import make_source_options, source_type  # the data package loads torch
@@ -71,8 +115,8 @@ class ModelConfig:
     weights: str = "default"  # default | random | path to a state dict
     freeze_backbone: bool = True
     projection: str = "linear"  # linear | mlp
-    hidden_dim: int = 512
-    dropout: float = 0.0
+    hidden_dim: int = ranged(512, ge=1)
+    dropout: float = ranged(0.0, ge=0.0, lt=1.0)
     normalize_output: bool = False  # L2-normalise image embeddings (pair with text.normalize)
 
 
@@ -94,18 +138,18 @@ class TrainConfig:
     """Optimisation schedule, evaluation and where the run is written."""
 
     run_dir: str = "runs/demo"
-    epochs: int = 60
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    epochs: int = ranged(60, ge=1)
+    batch_size: int = ranged(32, ge=1)
+    lr: float = ranged(1e-3, gt=0.0)
+    weight_decay: float = ranged(1e-4, ge=0.0)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     cache_features: bool = True
     feature_cache_dir: str | None = None  # keep cached backbone features on disk, shared across runs
     captions_per_image: str = "all"  # all: every caption is a pair each epoch | one: one random caption
-    eval_every: int = 5
-    ks: tuple[int, ...] = (1, 5, 10)
-    shuffle_buffer: int = 1000
+    eval_every: int = ranged(5, ge=1)
+    ks: tuple[int, ...] = ranged((1, 5, 10), ge=1)
+    shuffle_buffer: int = ranged(1000, ge=0)
 
 
 @dataclass(frozen=True)
@@ -191,7 +235,8 @@ def _build(cls: type, values: dict, where: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    specs = {f.name: f for f in dataclasses.fields(cls)}
+    known = set(specs)
     unknown = sorted(set(values) - known)
     if unknown:
         hint = _moved_option_hint(values, unknown) if cls is DataConfig else ""
@@ -213,12 +258,13 @@ def _build(cls: type, values: dict, where: str) -> Any:
             kwargs[name] = _source_options(values.get("source", DataConfig.source), value, path, f"{where}.source")
         else:
             kwargs[name] = _coerce(value, hints[name], path)
+            _check_range(specs[name], kwargs[name], path)
     return cls(**kwargs)
 
 
 def build_dataclass(cls: type, values: dict, where: str) -> Any:
-    """Any dataclass from nested dicts, as configs are built: unknown or missing fields and wrong types are
-    one-line ConfigErrors that name the field (``where.field[2].name``)."""
+    """Any dataclass from nested dicts, as configs are built: unknown or missing fields, wrong types and values
+    outside a field's declared range are one-line ConfigErrors that name the field (``where.field[2].name``)."""
     return _build(cls, values, where)
 
 

@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from retrieval.data.images import image_error_text
 from retrieval.errors import ConfigError, QueryError
 
 
@@ -64,5 +65,5 @@ def open_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None,
     except QueryError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as error:  # what PIL raises for a damaged or foreign file
-        raise QueryError(f"cannot read image {name}: {type(error).__name__}") from None
+        raise QueryError(f"cannot read image {name}: {image_error_text(error)}") from None
     return image

@@ -10,6 +10,9 @@ A run folder (``train.run_dir``)::
     compare_run.json          a compare run's record (reused while its config is unchanged)
     index/                    the run's search index: an index folder
 
+Other files in a run folder (e.g. the demo's ``shards/``) are not part of the run: :meth:`RunDir.clear`
+leaves them.
+
 An index folder (written by :mod:`retrieval.indexing`, read by :mod:`retrieval.search`)::
 
     images/           vector index of the image embeddings, with the stamp of the model that made them
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -192,6 +196,28 @@ class RunDir:
     def index(self) -> IndexDir:
         """The run's default index folder."""
         return IndexDir(self.path / INDEX_DIR)
+
+    def holds_run(self) -> bool:
+        """Whether a run was started or finished here: its config or a checkpoint is present."""
+        return self.config_file.is_file() or bool(self.checkpoint_names())
+
+    def run_files(self) -> list[Path]:
+        """The artefacts of a run present in the folder (config, metrics, checkpoints, vectors, reports, indexes).
+
+        Anything else in the folder (shards, the user's own files) is not part of the run.
+        """
+        named = [self.config_file, self.metrics_file, self.checkpoints, self.caption_word2vec, self.report,
+                 self.compare_record, self.index.path]
+        found = [path for path in named if path.exists()]
+        return found + [index.path for index in self.indexes() if index.path not in found]
+
+    def clear(self) -> None:
+        """Remove the run's artefacts (:meth:`run_files`), leaving the folder and everything else in it."""
+        for path in self.run_files():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def indexes(self) -> list[IndexDir]:
         """Index folders in the run: the default ``index`` first, then any other sub-folder holding one."""

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from retrieval.batches import batch_source, caption_targets
 from retrieval.checkpoint import save_checkpoint
-from retrieval.config import Config, save_config
+from retrieval.config import Config, check_ranges, save_config
 from retrieval.data import list_shards
 from retrieval.embed import EncodedCollection
-from retrieval.errors import DataError
+from retrieval.errors import ConfigError, DataError
 from retrieval.evaluation import CaptionQueries, caption_queries, class_count, cross_modal_report
 from retrieval.io import atomic_path
 from retrieval.losses import LOSSES, build_loss
@@ -68,21 +68,35 @@ def rsum(metrics: dict) -> float:
     return float(sum(v for k, v in metrics.items() if "R@" in k))
 
 
+def refuse_existing_run(run_dir: RunDir, overwrite: bool = False) -> None:
+    """A folder that already holds a run is refused (one line naming the choices), unless ``overwrite``."""
+    if run_dir.holds_run() and not overwrite:
+        found = ", ".join(str(path.relative_to(run_dir.path)) for path in run_dir.run_files()[:3])
+        raise ConfigError(f"train.run_dir {run_dir} already holds a run ({found}); "
+                          "set a new train.run_dir, or pass --overwrite to replace it")
+
+
 class Trainer:
     """Holds the state of one run; :func:`fit` is the entry point."""
 
-    def __init__(self, config: Config, progress: bool = True) -> None:
+    def __init__(self, config: Config, progress: bool = True, overwrite: bool = False) -> None:
+        check_ranges(config)
         check_names(config)
         self.config = config
         self.progress = progress
         self.device = resolve_device(config.train.device)
         self.run_dir = RunDir(config.train.run_dir)
+        refuse_existing_run(self.run_dir, overwrite)
         train_shards = list_shards(config.data.shard_dir, "train")
         val_shards = list_shards(config.data.shard_dir, "val")
         self.backbone = create_backbone(config.model.backbone, config.model.weights)
         self.source = batch_source(config, self.backbone, train_shards, val_shards, self.device, progress)
         if not self.source.train_set.keys:
             raise DataError(f"no training images in {config.data.shard_dir}")
+        if overwrite:
+            # the data has been read: the old run goes now (only its own files), before the text side
+            # could reuse its word2vec-captions vectors
+            self.run_dir.clear()
         self._val_captions: CaptionQueries | None = None
         self._build_text_side()
         self._build_model()
@@ -190,7 +204,11 @@ class Trainer:
                            time.perf_counter() - started)
 
 
-def fit(config: Config, progress: bool = True) -> TrainResult:
-    """Train an image encoder against frozen caption vectors as ``config`` says; returns the run."""
+def fit(config: Config, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train an image encoder against frozen caption vectors as ``config`` says; returns the run.
+
+    A ``train.run_dir`` that already holds a run is refused (ConfigError), unless ``overwrite`` clears its old
+    run first.
+    """
     seed_everything(config.train.seed)
-    return Trainer(config, progress=progress).run()
+    return Trainer(config, progress=progress, overwrite=overwrite).run()

@@ -7,8 +7,10 @@ import dataclasses
 import pytest
 import yaml
 
-from retrieval.config import Config, LossConfig, config_from_dict, config_to_dict, load_config, save_config
+from retrieval.config import (Config, LossConfig, build_dataclass, check_ranges, config_from_dict, config_to_dict,
+                              load_config, ranged, save_config)
 from retrieval.errors import ConfigError
+from retrieval.train import fit
 
 from tests.conftest import PROJECT_ROOT
 
@@ -138,3 +140,36 @@ def test_source_options_are_typed_per_source_and_round_trip(tmp_path):
         load_config(path, ["data.source_options.limit_per_class=many"])
     with pytest.raises(ConfigError, match="data.source_options: JsonlSource are not the options of source 'coco'"):
         DataConfig(source="coco", source_options=JsonlSource())
+
+
+def test_declared_ranges_are_checked_when_a_config_is_built(tmp_path):
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        count: int = ranged(1, ge=1)
+        share: float | None = ranged(None, gt=0.0, le=1.0)
+        sizes: tuple[int, ...] = ranged((2,), ge=2)
+
+    assert build_dataclass(Section, {"count": 1, "share": 1.0, "sizes": [2, 3]}, "s") == Section(1, 1.0, (2, 3))
+    assert build_dataclass(Section, {"share": None}, "s").share is None  # an optional field may stay unset
+    for values, message in [({"count": 0}, "s.count: must be at least 1, got 0"),
+                            ({"share": 0}, "s.share: must be greater than 0.0 and at most 1.0, got 0.0"),
+                            ({"sizes": [2, 1]}, "s.sizes[1]: must be at least 2, got 1")]:
+        with pytest.raises(ConfigError) as error:
+            build_dataclass(Section, values, "s")
+        assert str(error.value) == message
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml\.train\.epochs: must be at least 1, got 0"):
+        load_config(path)
+    with pytest.raises(TypeError, match="unknown bound"):
+        ranged(1, above=0)
+
+
+def test_configs_made_in_code_are_checked_too():
+    config = load_config()
+    check_ranges(config)  # every default lies in its range
+    bad = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=0))
+    with pytest.raises(ConfigError, match=r"^config\.train\.batch_size: must be at least 1, got 0$"):
+        check_ranges(bad)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        fit(bad, progress=False)  # before any data is read

@@ -20,6 +20,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from retrieval.data.images import image_error_text
+from retrieval.data.shards import check_samples_read
 from retrieval.data.sources import IMAGE_EXTS, wds_error_text
 from retrieval.errors import DataError
 
@@ -101,25 +103,36 @@ def _shuffle_samples(data: Iterable[Any], bufsize: int = 1000, seed: int | Epoch
     yield from buf
 
 
+def _sample_where(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+
+
+def _sample_info(sample: dict) -> dict:
+    """The ``json`` member of a raw tar sample (key, captions, meta); missing or malformed → DataError."""
+    if "json" not in sample:
+        raise DataError(f"{_sample_where(sample)}: no json member (its key, captions and meta)")
+    try:
+        info = json.loads(sample["json"])
+        info["captions"], info["meta"] = list(info["captions"]), dict(info.get("meta") or {})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{_sample_where(sample)}: bad json member: {type(exc).__name__}: {exc}") from None
+    return info
+
+
 def decode_sample(sample: dict) -> Sample:
     """A raw tar sample (``__key__``, image member, ``json``) as a ``Sample`` with an RGB image."""
-    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+    where = _sample_where(sample)
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise DataError(f"{where}: no image member ({', '.join(IMAGE_EXTS)})")
-    if "json" not in sample:
-        raise DataError(f"{where}: no json member")
-    try:
-        info = json.loads(sample["json"])
-        captions, meta = list(info["captions"]), dict(info.get("meta") or {})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{where}: bad json member: {type(exc).__name__}: {exc}") from None
+    info = _sample_info(sample)
     try:
         with Image.open(io.BytesIO(sample[ext])) as raw:
             image = raw.convert("RGB")
     except Exception as exc:  # PIL raises many types
-        raise DataError(f"{where}: image does not decode: {(str(exc).splitlines() or ['?'])[0]}") from None
-    return Sample(key=str(info.get("key", sample["__key__"])), image=image, captions=captions, meta=meta)
+        raise DataError(f"{where}: image does not decode: {image_error_text(exc)}") from None
+    return Sample(key=str(info.get("key", sample["__key__"])), image=image, captions=info["captions"],
+                  meta=info["meta"])
 
 
 def _decode(data: Iterable[dict], handler: Handler = raise_data_error) -> Iterator[Sample]:
@@ -170,12 +183,20 @@ def _to_train_tuple(
         yield image, vector, sample.key
 
 
+def _count_samples(data: Iterable[dict], read: dict[str, int]) -> Iterator[dict]:
+    """Pass raw tar samples through, counting them per shard (``__url__``)."""
+    for sample in data:
+        read[sample["__url__"]] = read.get(sample["__url__"], 0) + 1
+        yield sample
+
+
 shuffle_shards = wds.pipelinefilter(_shuffle_shards)
 resample_shards = wds.pipelinefilter(_resample_shards)
 shuffle_samples = wds.pipelinefilter(_shuffle_samples)
 decode = wds.pipelinefilter(_decode)
 pick_caption = wds.pipelinefilter(_pick_caption)
 to_train_tuple = wds.pipelinefilter(_to_train_tuple)
+count_samples = wds.pipelinefilter(_count_samples)
 
 
 def _check_shards(shards: Sequence[str]) -> list[str]:
@@ -188,17 +209,43 @@ def _check_shards(shards: Sequence[str]) -> list[str]:
 
 
 def iter_samples(shards: Sequence[str], handler: Handler = raise_data_error) -> Iterator[Sample]:
-    """Every sample of ``shards`` in order (for indexing and evaluation); no shuffling, no splitting."""
+    """Every sample of ``shards`` in order (for indexing and evaluation); no shuffling, no splitting.
+
+    After a complete pass, a shard that held fewer samples than its manifest lists goes to ``handler``.
+    """
+    shards = _check_shards(shards)
+    read = dict.fromkeys(shards, 0)
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(_check_shards(shards)), wds.tarfile_to_samples(handler=handler), decode(handler=handler)
+        wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=handler), count_samples(read),
+        decode(handler=handler)
     )
-    return iter(pipeline)
+    return _then_check_counts(pipeline, read, handler)
 
 
-def read_shard_records(shards: list[str]) -> list[dict]:
-    """Keys, captions and metadata of every sample, in order, without decoding images."""
-    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False).to_tuple("__key__", "json")
-    return [{"key": key, **json.loads(payload)} for key, payload in dataset]
+def _then_check_counts(samples: Iterable[Sample], read: dict[str, int], handler: Handler) -> Iterator[Sample]:
+    yield from samples
+    check_samples_read(read, handler)
+
+
+def read_shard_records(shards: Sequence[str], handler: Handler = raise_data_error) -> list[dict]:
+    """Keys, captions and metadata of every sample, in order, without decoding images.
+
+    A sample without its json member, or a shard that held fewer samples than its manifest lists, goes
+    to ``handler`` (by default a one-line ``DataError`` naming the shard).
+    """
+    shards = [str(s) for s in ([shards] if isinstance(shards, str) else shards)]
+    read = dict.fromkeys(shards, 0)
+    samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=handler),
+                               count_samples(read))
+    records = []
+    for sample in samples:
+        try:
+            records.append({"key": sample["__key__"], **_sample_info(sample)})
+        except DataError as exn:
+            if not handler(exn):
+                break
+    check_samples_read(read, handler)
+    return records
 
 
 class TrainPipeline(wds.DataPipeline):

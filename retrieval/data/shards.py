@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
+from retrieval.data.images import check_image_bytes, image_error_text
 from retrieval.data.sources import Record, check_unique_keys
 from retrieval.errors import ConfigError, DataError
 from retrieval.io import atomic_dir, write_json
@@ -31,7 +30,8 @@ _VAL_NAMES = ("val", "validation", "test")
 
 @dataclass
 class ShardManifest:
-    """What ``write_shards`` wrote: per-split sample/caption counts, shard file names and the split rule."""
+    """What ``write_shards`` wrote: per-split sample/caption counts, shard file names (and the samples in
+    each) and the split rule."""
 
     counts: dict[str, int]
     captions: dict[str, int]
@@ -40,9 +40,23 @@ class ShardManifest:
     shard_size: int = 1000
     split: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
+    shard_counts: dict[str, int] = field(default_factory=dict)  # shard file name → samples written into it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def samples_in(self, name: str) -> int | None:
+        """How many samples shard file ``name`` was written with; None when the manifest does not list it.
+
+        Manifests written before ``shard_counts`` existed give it from the split's count: every shard of a
+        split but its last holds ``shard_size`` samples.
+        """
+        if name in self.shard_counts:
+            return int(self.shard_counts[name])
+        for split, names in self.shards.items():
+            if name in names:
+                return min(self.shard_size, int(self.counts.get(split, 0)) - names.index(name) * self.shard_size)
+        return None
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> ShardManifest:
@@ -61,6 +75,37 @@ def read_manifest(shard_dir: str | os.PathLike) -> ShardManifest:
             raise DataError(f"{path}: field {name!r} is missing or not an object")
     known = set(ShardManifest.__dataclass_fields__)
     return ShardManifest(**{k: v for k, v in data.items() if k in known})
+
+
+def short_shards(read: Mapping[str, int]) -> list[str]:
+    """One message per shard file whose full read gave another number of samples than its manifest lists.
+
+    ``read`` maps each shard path to the samples read from it in one complete pass. A tar file cut at a
+    member boundary reads without any error, only short: this is how it is noticed. Shards without a
+    manifest beside them, or not listed in it, are not checked.
+    """
+    manifests: dict[Path, ShardManifest | None] = {}
+    messages = []
+    for shard, count in read.items():
+        folder = Path(shard).parent
+        if folder not in manifests:
+            manifests[folder] = read_manifest(folder) if (folder / MANIFEST).is_file() else None
+        manifest = manifests[folder]
+        expected = manifest.samples_in(Path(shard).name) if manifest is not None else None
+        if expected is not None and count != expected:
+            messages.append(f"{shard}: holds {count} of the {expected} samples its manifest lists "
+                            "(truncated or replaced?); prepare the shards again")
+    return messages
+
+
+def check_samples_read(read: Mapping[str, int], handler: Callable[[Exception], bool]) -> None:
+    """Hand a ``DataError`` for each of :func:`short_shards` to ``handler`` (a webdataset-style error handler).
+
+    The default handler of the readers raises it; a handler that returns instead lets a reader go on
+    (the hook for a policy that skips damaged shards and counts them).
+    """
+    for message in short_shards(read):
+        handler(DataError(message))
 
 
 def list_shards(shard_dir: str | os.PathLike, split: str) -> list[str]:
@@ -99,11 +144,10 @@ def assign_split(record: Record, split_by: str = "hash", val_fraction: float = 0
 
 def _verify_image(record: Record) -> None:
     try:
-        with Image.open(io.BytesIO(record.image_bytes)) as image:
-            image.verify()
+        check_image_bytes(record.image_bytes)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{record.origin or record.key}: image does not decode (key {record.key}): {reason}") from None
+        raise DataError(f"{record.origin or record.key}: image does not decode (key {record.key}): "
+                        f"{image_error_text(exc)}") from None
 
 
 def _sample(record: Record) -> dict[str, Any]:
@@ -125,23 +169,29 @@ class _SplitWriters:
         self.counts = {s: 0 for s in SPLITS}
         self.captions = {s: 0 for s in SPLITS}
         self.names: dict[str, list[str]] = {s: [] for s in SPLITS}
+        self.shard_counts: dict[str, int] = {}
 
     def write(self, split: str, record: Record) -> None:
         if split not in self.writers:
             pattern = str(self.folder).replace("%", "%%") + os.sep + f"{split}-%06d.tar"
-            names = self.names[split]
             self.writers[split] = wds.ShardWriter(
                 pattern,
                 maxcount=self.shard_size,
                 maxsize=float("inf"),
                 verbose=0,
-                post=lambda fname: names.append(os.path.basename(fname)),
+                post=lambda fname: self._finished(split, fname),
                 encoder=False,
                 mtime=0.0,
             )
         self.writers[split].write(_sample(record))
         self.counts[split] += 1
         self.captions[split] += len(record.captions)
+
+    def _finished(self, split: str, fname: str) -> None:
+        """A shard file was closed: note its name and how many samples it holds (for the manifest)."""
+        name = os.path.basename(fname)
+        self.names[split].append(name)
+        self.shard_counts[name] = self.writers[split].count
 
     def close(self) -> None:
         for writer in self.writers.values():
@@ -173,7 +223,8 @@ def write_shards(
 
     ``split_by="hash"`` splits by a seeded hash of the key (``val_fraction`` of records go to val);
     any other value names a meta field whose value is train or val/validation/test. Every image is
-    checked with PIL ``verify()``; keys must be unique. Any failure leaves ``out_dir`` untouched.
+    verified and fully decoded (a truncated file fails here, naming its record); keys must be unique.
+    Any failure leaves ``out_dir`` untouched.
     """
     _check_args(shard_size, val_fraction, split_by)
     out = Path(out_dir)
@@ -196,6 +247,7 @@ def write_shards(
             source=source,
             shard_size=shard_size,
             split=split_rule,
+            shard_counts=writers.shard_counts,
         )
         write_json(tmp / MANIFEST, manifest.to_json())
     return manifest

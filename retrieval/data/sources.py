@@ -65,6 +65,24 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
+    """A one-line error for a text file that is not UTF-8, naming its first line that is not."""
+    for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return DataError(f"{path}:{lineno}: not valid UTF-8 text (byte {bad.start + 1} of the line)")
+    return DataError(f"{path}: not valid UTF-8 text ({_one_line(exc)})")
+
+
+def _utf8_lines(handle: Iterable[str], path: Path) -> Iterator[str]:
+    """The lines of a text file opened as UTF-8; bytes that are not UTF-8 → DataError naming their line."""
+    try:
+        yield from handle
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+
+
 def _image_ext(path: Path, where: str) -> str:
     ext = path.suffix.lower().lstrip(".")
     if ext not in IMAGE_EXTS:
@@ -119,7 +137,7 @@ def _jsonl_records(path: Path, root: Path) -> Iterator[Record]:
     except OSError as exc:
         raise DataError(f"{path}: cannot open captions file: {_one_line(exc)}") from None
     with lines:
-        for lineno, line in enumerate(lines, start=1):
+        for lineno, line in enumerate(_utf8_lines(lines, path), start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -169,6 +187,8 @@ def _csv_records(path: Path, root: Path) -> Iterator[Record]:
                 groups[image][1].append(caption.strip())
     except OSError as exc:
         raise DataError(f"{path}: cannot read CSV: {_one_line(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
     except csv.Error as exc:
         raise DataError(f"{path}: bad CSV: {_one_line(exc)}") from None
     for image, (lineno, captions, meta) in groups.items():
@@ -181,6 +201,8 @@ def _load_json(path: Path) -> Any:
             return json.load(f)
     except OSError as exc:
         raise DataError(f"{path}: cannot open: {_one_line(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: bad JSON at line {exc.lineno}: {exc.msg}") from None
 
