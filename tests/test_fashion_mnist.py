@@ -222,7 +222,7 @@ def test_prepare_from_config(fmnist_dir: Path, tmp_path: Path) -> None:
     (["data.source=fashion-mnist-scenes", "data.source_options={}", "data.split_by=hash"],
      r"data.split_by must be 'split' for fashion-mnist-scenes"),
     (["data.source=fashion-mnist-scenes", "data.source_options={scene_count: 10}", "data.val_fraction=1.5"],
-     r"data.val_fraction must be between 0 and 1"),
+     r"data.val_fraction: must be at least 0.0 and at most 1.0, got 1.5"),
 ])
 def test_source_options_are_checked_when_the_config_loads(overrides: list[str], message: str) -> None:
     """What prepare used to find out only when it ran: an option the source lacks, a bad value, a split clash."""
