@@ -15,6 +15,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_demo_runs_every_step_and_reports_chance(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "demo", "--set", f"data.path={SAMPLE_CAPTIONS}",
                            "--set", f"data.shard_dir={tmp_path / 'shards'}", "--set", f"train.run_dir={tmp_path}",
@@ -25,6 +26,7 @@ def test_demo_runs_every_step_and_reports_chance(capsys, tmp_path):
     assert (tmp_path / "index" / "images" / "index.faiss").exists()
 
 
+@pytest.mark.slow
 def test_prepare_train_index_search_as_separate_jobs(capsys, tmp_path):
     common = ["--set", f"data.path={SAMPLE_CAPTIONS}", "--set", f"data.shard_dir={tmp_path / 'shards'}",
               "--set", f"train.run_dir={tmp_path}"]

@@ -52,6 +52,7 @@ def comparison(sample_shards, tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
     out, results, _ = comparison
     status = {v["name"]: v["status"] for v in results["variants"]}
@@ -137,6 +138,7 @@ def test_every_number_in_the_report_comes_from_results_json(comparison):
     assert check_numbers_come_from(results, report) > 50
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_finished_runs(comparison, sample_shards):
     out, results, _ = comparison
     config = write_config(out.parent, sample_shards)

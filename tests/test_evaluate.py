@@ -33,6 +33,7 @@ def recomputed(run_dir, checkpoint: str = "last.pt") -> tuple[dict, dict]:
                                model.loss.distance), chance_report(owner, images, (1, 5, 10)))
 
 
+@pytest.mark.slow
 def test_evaluate_writes_every_metric_and_the_chance_level(trained_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert cli(["evaluate", "--run", str(trained_run.run_dir), "--out", str(out)]) == 0
@@ -51,6 +52,7 @@ def test_evaluate_writes_every_metric_and_the_chance_level(trained_run, tmp_path
     assert "text_to_image" in printed and "chance" in printed and str(out) in printed
 
 
+@pytest.mark.slow
 def test_evaluate_matches_what_training_measured(trained_run, capsys):
     """Default: last.pt on the run's val split, written to <run>/report/evaluate.json."""
     assert cli(["evaluate", "--run", str(trained_run.run_dir)]) == 0

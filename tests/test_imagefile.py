@@ -80,6 +80,7 @@ def test_pixel_cap_setting_is_range_checked():
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_search_image_bomb_is_one_line_error(bomb, trained_run, sample_shards, tmp_path, capsys):
     model = load_checkpoint(trained_run.best_checkpoint)
     index = build_index(model, list_shards(sample_shards, "val"), tmp_path / "index")

@@ -81,6 +81,7 @@ def test_flat_equals_brute_force(small, metric):
     assert (np.diff(result.scores, axis=1) <= 0).all()  # best first, higher is better
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_default_recall_at_10(big, kind):
     base, queries, exact = big

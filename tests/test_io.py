@@ -105,6 +105,7 @@ def test_a_write_names_its_temporary_after_its_process(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["index", "metrics.csv"]
 
 
+@pytest.mark.slow
 def test_prepare_and_index_remove_what_killed_runs_left(trained_run, sample_shards, tmp_path):
     from retrieval.checkpoint import load_checkpoint
     from retrieval.data import list_shards

@@ -226,6 +226,7 @@ def single_blas_thread():
     return threadpool_limits(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "q, n, per_label",
     [(20_000, 20_000, 1), (4_000, 6_000, 300)],  # full float32 matrices: 1.6 GB and 96 MB

@@ -67,6 +67,7 @@ def caption_vectors_run(sample_shards, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_replaced_word_vectors_are_refused_by_search_index_and_evaluate(caption_vectors_run, capsys, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(caption_vectors_run, run)
@@ -149,6 +150,7 @@ def test_a_file_that_is_no_image_is_named_not_its_stream(capsys, tmp_path):
 # -- item 3: a run folder is never mixed from two runs --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_into_a_folder_with_a_run_is_refused_unless_overwrite(sample_shards, capsys, tmp_path):
     run = RunDir(tmp_path / "run")
     options = run_options(run.path, sample_shards, "train.epochs=1", "train.eval_every=1")
@@ -187,6 +189,7 @@ def test_clearing_a_run_folder_removes_the_run_and_keeps_everything_else(tmp_pat
     assert run.holds_run()  # a started run (a checkpoint, no config) counts too
 
 
+@pytest.mark.slow
 def test_the_demo_runs_twice_into_its_own_folder(capsys, tmp_path):
     options = run_options(tmp_path, tmp_path / "shards", "train.epochs=1", "train.eval_every=1")
     assert main(["demo", *options]) == 0
@@ -277,6 +280,7 @@ def test_an_image_query_that_does_not_decode_names_the_file(caption_vectors_run,
     assert f"cannot read image {image}: image file is truncated" in line
 
 
+@pytest.mark.slow
 def test_compare_retrains_into_its_own_run_folders(sample_shards, capsys, tmp_path):
     config = {"name": "again", "base": str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
               "data": {"shard_dir": str(sample_shards)}, "train": {"epochs": 1, "eval_every": 1}, "seeds": [0],

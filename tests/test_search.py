@@ -97,6 +97,7 @@ def copy_checkpoint(trained_run, folder, change):
     return path
 
 
+@pytest.mark.slow
 def test_index_metric_is_honoured_by_the_index_and_the_search(trained_run, sample_shards, tmp_path):
     def cosine(state):
         state["config"]["index"]["metric"] = "cosine"  # the demo's triplet loss compares by l2

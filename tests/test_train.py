@@ -45,6 +45,7 @@ def test_checkpoint_reloads_to_the_same_embeddings(trained_run):
     assert model.metrics == trained_run.best_metrics
 
 
+@pytest.mark.slow
 def test_same_seed_same_run(sample_shards, tmp_path):
     runs = [fit(demo_config(tmp_path / name, f"data.shard_dir={sample_shards}", "train.epochs=6",
                             "train.eval_every=3"), progress=False)
@@ -53,6 +54,7 @@ def test_same_seed_same_run(sample_shards, tmp_path):
     assert runs[0].final_metrics == runs[1].final_metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("negatives", ["soft", "random"])
 def test_other_negative_strategies_train(sample_shards, tmp_path, negatives):
     result = fit(demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.epochs=3", "train.eval_every=3",
@@ -66,6 +68,7 @@ def test_missing_shards_is_a_one_line_error(tmp_path):
     assert "nowhere" in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_end_to_end_fine_tuning_streams_from_shards_with_workers(sample_shards, tmp_path):
     """Unfrozen backbone: images stream through the webdataset pipeline (2 workers), all weights move."""
     config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", "model.backbone=resnet18",
@@ -79,6 +82,7 @@ def test_end_to_end_fine_tuning_streams_from_shards_with_workers(sample_shards, 
     assert not torch.allclose(trained, initial)
 
 
+@pytest.mark.slow
 def test_cached_feature_batches_pair_every_known_caption_with_its_image_once_per_epoch(sample_shards, tmp_path):
     trainer = Trainer(demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.batch_size=7"), progress=False)
     source, targets = trainer.source, trainer.targets
