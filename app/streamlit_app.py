@@ -90,7 +90,8 @@ def choose_run(settings: AppSettings) -> tuple[RunDir | None, bool]:
     root = settings.root
     start = root.inside(settings.run)
     if start is None:
-        st.error(f"run {literal(str(settings.run))} lies outside the runs root {literal(str(root))}; the app opens runs only under it "
+        st.error(f"run {literal(str(settings.run))} lies outside the runs root {literal(str(root))}; "
+                 "the app opens runs only under it "
                  "(start it with --runs-root DIR)")
         return None, False
     runs = {root.label(RunDir(run)): RunDir(run) for run in runs_under(str(root))}
@@ -124,7 +125,8 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
         return None, "", DEFAULT_K
     index = IndexDir(bar.selectbox("Index", indexes))
     if root.inside(index.path) is None:
-        st.error(f"index {literal(str(index))} lies outside the runs root {literal(str(root))}; the app opens nothing outside it")
+        st.error(f"index {literal(str(index))} lies outside the runs root {literal(str(root))}; "
+                 "the app opens nothing outside it")
         return None, "", DEFAULT_K
     names = [name for name in find_checkpoints(run) if root.inside(RunDir(run).checkpoint(name))]
     files = [RunDir(run).checkpoint(name) for name in names] + [index.stamp_file]
@@ -139,7 +141,8 @@ def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
                                help="the index is searched with the checkpoint that built it")
     path = checkpoint_file(run, checkpoint)
     if root.inside(path) is None:
-        st.error(f"checkpoint {literal(str(path))} lies outside the runs root {literal(str(root))}; the app opens nothing outside it")
+        st.error(f"checkpoint {literal(str(path))} lies outside the runs root {literal(str(root))}; "
+                 "the app opens nothing outside it")
         return None, "", DEFAULT_K
     try:
         searcher = load_searcher(str(path), str(index), _version(path, index.stamp_file))

@@ -178,7 +178,8 @@ def load_compare_config(path: str | Path, overrides: list[str] | tuple[str, ...]
     base = _base_config(config, path.parent, list(overrides), where)
     out = Path(out if out is not None else config.out or f"runs/compare-{path.stem}")
     if base.train.feature_cache_dir is None:
-        base = dataclasses.replace(base, train=dataclasses.replace(base.train, feature_cache_dir=str(out / "feature_cache")))
+        cache = str(out / "feature_cache")
+        base = dataclasses.replace(base, train=dataclasses.replace(base.train, feature_cache_dir=cache))
     spec = CompareSpec(
         name=config.name or path.stem, base=base, variants=config.variants, seeds=config.seeds, out=out,
         checkpoint=config.checkpoint, primary_metric=config.primary_metric, curve_max_k=config.curve_max_k,
@@ -419,5 +420,6 @@ def assemble(spec: CompareSpec, records: list[VariantResult], data: _Data, comma
                          relevance=first.relevance if first else None),
         chance=first.chance if first else {}, zero_shot_chance=zero_shot.chance if zero_shot else None,
         zero_shot_queries=zero_shot.queries if zero_shot else None, variants=records,
-        verdict=verdict(records, spec.primary_metric, vectors), text_sides=text_sides(records, vectors, spec.primary_metric),
+        verdict=verdict(records, spec.primary_metric, vectors),
+        text_sides=text_sides(records, vectors, spec.primary_metric),
         setup_seconds=data.setup_seconds)

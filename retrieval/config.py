@@ -99,8 +99,10 @@ class DataConfig:
 class TextConfig:
     """The frozen word vectors and how a caption becomes one vector."""
 
-    vectors: str = "glove-6b-50d"  # glove-6b-50d | glove-text | word2vec-binary | word2vec-text | gensim | word2vec-captions | sentence-transformer
-    vectors_path: str | None = None  # sentence-transformer: a local model folder (default: the packaged all-MiniLM-L6-v2)
+    # glove-6b-50d | glove-text | word2vec-binary | word2vec-text | gensim | word2vec-captions | sentence-transformer
+    vectors: str = "glove-6b-50d"
+    # sentence-transformer: a local model folder (default: the packaged all-MiniLM-L6-v2)
+    vectors_path: str | None = None
     weighting: str = "mean"  # mean | tfidf
     normalize: bool = False
     word2vec_dim: int = 50

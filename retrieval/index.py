@@ -18,7 +18,7 @@ import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, NamedTuple, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, NamedTuple, Sequence
 
 import faiss
 import numpy as np
@@ -37,7 +37,7 @@ DEFAULT_EF_SEARCH = 512  # recall@10 >= 0.95 up to 1M items at d=50 (bench_index
 MIN_POINTS_PER_LIST = 39  # faiss k-means warns below 39 training points per centroid
 MAX_NLIST = 65_536
 GPU_MAX_K = 2048  # faiss GPU k-selection limit (k and nprobe)
-UseGpu = Union[bool, Literal["auto"]]
+UseGpu = bool | Literal["auto"]
 
 
 class SearchResult(NamedTuple):

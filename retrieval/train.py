@@ -133,7 +133,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             result.value.backward()
             self.optimizer.step()
-            totals += [float(result.value.detach()), result.active_fraction, result.mean_pos_distance, result.mean_neg_distance]
+            totals += [float(result.value.detach()), result.active_fraction, result.mean_pos_distance,
+                       result.mean_neg_distance]
             count += 1
         if count == 0:
             raise DataError(f"epoch {epoch} saw no training batch; check {self.config.data.shard_dir}")
@@ -196,7 +197,8 @@ class Trainer:
             self.history.append(stats)
             self.write_history(self.history)
             bar.set_postfix(loss=f"{stats.loss:.3f}", active=f"{stats.active_fraction:.2f}",
-                            **({"t2i_R@5": f"{stats.metrics.get('text_to_image/R@5', 0):.2f}"} if stats.metrics else {}))
+                            **({"t2i_R@5": f"{stats.metrics.get('text_to_image/R@5', 0):.2f}"}
+                               if stats.metrics else {}))
         last = self.save(LAST_CHECKPOINT, epochs, self.history[-1].metrics if self.history else initial)
         return TrainResult(self.run_dir.path, self.history, initial,
                            self.history[-1].metrics if self.history else initial,

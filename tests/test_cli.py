@@ -41,7 +41,8 @@ def test_prepare_train_index_search_as_separate_jobs(capsys, tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--set", "train.epochs=x"], "train.epochs"),
     (["train", "--set", "loss.name=nope"], "nope"),
-    (["train", "--set", "loss.name=quadruplet", "--set", "loss.marign=0.3"], "loss 'quadruplet' has no setting 'marign'"),
+    (["train", "--set", "loss.name=quadruplet", "--set", "loss.marign=0.3"],
+     "loss 'quadruplet' has no setting 'marign'"),
     (["train", "--set", "loss.margin=-1"], "loss.margin: must be >= 0"),
     (["search", "--run", "no-such-run", "--text", "dog"], "no-such-run"),
     (["prepare", "--set", "data.path=missing.jsonl", "--set", "data.shard_dir=unused"], "missing.jsonl"),

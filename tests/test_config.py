@@ -62,7 +62,8 @@ def test_saved_config_round_trips(tmp_path):
     offline = load_config(None, ["loss={name: triplet-offline, margin: 0.3, pool_size: 64, squared: true}"])
     save_config(offline, tmp_path / "offline.yaml")
     saved = yaml.safe_load((tmp_path / "offline.yaml").read_text())["loss"]
-    assert saved == {"name": "triplet-offline", "margin": 0.3, "pool_size": 64, "squared": True}  # settings beside the name
+    # the settings sit beside the name
+    assert saved == {"name": "triplet-offline", "margin": 0.3, "pool_size": 64, "squared": True}
     assert load_config(tmp_path / "offline.yaml") == offline
     assert config_from_dict(config_to_dict(offline)) == offline
 

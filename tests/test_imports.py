@@ -99,7 +99,7 @@ def later():
 
 def test_imports_are_read_from_the_source():
     loaded = {"__future__", "json", "typing", "retrieval.config", "retrieval.data", "retrieval.models",
-              "retrieval.models.backbones", "retrieval.data", "retrieval.data.shards", "retrieval.io",
+              "retrieval.models.backbones", "retrieval.data.shards", "retrieval.io",
               "retrieval.text", "retrieval.errors", "retrieval.index"}
     assert imports_in(SAMPLE, "retrieval.data.prepare", anywhere=False) == loaded
     assert imports_in(SAMPLE, "retrieval.data.prepare") == loaded | {"retrieval.checkpoint", "retrieval.search"}

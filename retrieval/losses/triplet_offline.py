@@ -1,9 +1,10 @@
 """``triplet-offline``: the text-anchored triplet with negatives from a precomputed far-caption bank.
 
 :meth:`prepare` stores every training caption vector; :meth:`refresh_bank` (at the start of
-every epoch after the first, through :meth:`on_epoch_start`) keeps, for each training caption, the ``bank_size`` farthest caption vectors in
-word-vector space, searched among all captions or, with ``pool_size``, among a fresh random pool
-of that many captions (what makes a per-epoch refresh change anything: the vectors are frozen).
+every epoch after the first, through :meth:`on_epoch_start`) keeps, for each training caption,
+the ``bank_size`` farthest caption vectors in word-vector space, searched among all captions or,
+with ``pool_size``, among a fresh random pool of that many captions (what makes a per-epoch
+refresh change anything: the vectors are frozen).
 Each batch row's negative ``t-`` is drawn uniformly from its caption's bank, so it can come from
 anywhere in the training set, not only the batch.
 
