@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, NamedTup
 import faiss
 import numpy as np
 
-from retrieval.errors import ConfigError, DataError, QueryError
+from retrieval.errors import ConfigError, DataError, QueryError, one_line_reason
 from retrieval.io import atomic_dir
 from retrieval.registry import Registry
 from retrieval.rundir import INDEX_FILE, METADATA_FILE, STAMP_FILE
@@ -257,7 +257,7 @@ def _check_vectors(vectors: Any, dim: int | None, what: str, error: type[Excepti
     try:
         array = np.asarray(vectors, dtype=np.float32)
     except (TypeError, ValueError) as exc:
-        raise error(f"{what} must be a numeric array: {_one_line(exc)}") from None
+        raise error(f"{what} must be a numeric array: {one_line_reason(exc)}") from None
     if array.ndim != 2:
         raise error(f"{what} must be a 2-D array (n, dim), got shape {array.shape}")
     if array.shape[1] == 0 or (dim is not None and array.shape[1] != dim):
@@ -469,7 +469,7 @@ class VectorIndex:
             try:
                 faiss.write_index(self._cpu_index(), str(tmp / INDEX_FILE))
             except (RuntimeError, OSError) as exc:
-                raise DataError(f"cannot write {directory / INDEX_FILE}: {_one_line(exc)}") from exc
+                raise DataError(f"cannot write {directory / INDEX_FILE}: {one_line_reason(exc)}") from exc
             _write_metadata(tmp / METADATA_FILE, self._metadata, directory / METADATA_FILE)
             (tmp / STAMP_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -501,10 +501,6 @@ def _check_positive(error: type[Exception] = ConfigError, **values: Any) -> None
             raise error(f"{name} must be a positive integer, got {value!r}")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
-
-
 def _write_metadata(path: Path, metadata: list[dict], final: Path) -> None:
     with path.open("w", encoding="utf-8") as out:
         for position, item in enumerate(metadata):
@@ -521,7 +517,7 @@ def _read(path: Path, parse: Callable[[Path], Any]) -> Any:
     try:
         return parse(path)
     except (RuntimeError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path} is corrupt ({_one_line(exc)}); rebuild the index") from None
+        raise DataError(f"{path} is corrupt ({one_line_reason(exc)}); rebuild the index") from None
 
 
 def _parse_info(path: Path) -> dict:

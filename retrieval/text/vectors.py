@@ -26,7 +26,7 @@ from gensim.models import KeyedVectors, Word2Vec
 from gensim.utils import SaveLoad
 from gensim.utils import open as gensim_open
 
-from retrieval.errors import ConfigError, DataError
+from retrieval.errors import ConfigError, DataError, one_line_reason
 from retrieval.io import atomic_path
 from retrieval.text.captions import tokenize
 
@@ -36,12 +36,6 @@ GLOVE_WORDS_FILE = "glove_6B_index.parquet"
 GLOVE_WORDS_COLUMN = "index"
 
 VECTOR_KINDS = ("glove-6b-50d", "glove-text", "word2vec-binary", "word2vec-text", "gensim")
-
-
-def _one_line(exc: BaseException) -> str:
-    """A short single-line description of ``exc`` (its type and first message line)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def load_word_vectors(
@@ -83,7 +77,7 @@ def load_word_vectors(
         raise
     except Exception as exc:  # gensim/numpy/pickle raise many types for a bad file
         hint = " (not a gensim KeyedVectors/Word2Vec save?)" if kind == "gensim" else ""
-        raise DataError(f"cannot read {kind} word vectors from {path}{hint}: {_one_line(exc)}") from None
+        raise DataError(f"cannot read {kind} word vectors from {path}{hint}: {one_line_reason(exc, with_type=True)}") from None
     if len(kv) == 0 or kv.vector_size < 1:
         raise DataError(f"word vectors file {path} holds no vectors")
     if kind == "gensim" and limit is not None and limit < len(kv):
@@ -150,11 +144,11 @@ def _load_packaged_glove(root: str | None, limit: int | None) -> KeyedVectors:
 
         words = pq.read_table(words_file, columns=[GLOVE_WORDS_COLUMN]).column(0).to_pylist()
     except Exception as exc:
-        raise DataError(f"cannot read GloVe word list {words_file}: {_one_line(exc)}") from None
+        raise DataError(f"cannot read GloVe word list {words_file}: {one_line_reason(exc, with_type=True)}") from None
     try:
         vectors = np.load(vectors_file, mmap_mode="r")
     except Exception as exc:
-        raise DataError(f"cannot read GloVe vectors {vectors_file}: {_one_line(exc)}") from None
+        raise DataError(f"cannot read GloVe vectors {vectors_file}: {one_line_reason(exc, with_type=True)}") from None
     if vectors.ndim != 2 or vectors.shape[0] != len(words):
         raise DataError(
             f"GloVe vectors {vectors_file} have shape {vectors.shape} but {words_file} lists {len(words)} words"
