@@ -63,8 +63,8 @@ def index_stamp(model: LoadedModel) -> dict:
 
 
 @dataclass(frozen=True)
-class IndexDir:
-    """An index folder: image and caption vector indexes, thumbnails and the caption vocabulary."""
+class _Folder:
+    """A folder that works as a path (``open``, ``Path(...)`` and ``os.fspath`` accept it)."""
 
     path: Path
 
@@ -76,6 +76,11 @@ class IndexDir:
 
     def __str__(self) -> str:
         return str(self.path)
+
+
+@dataclass(frozen=True)
+class IndexDir(_Folder):
+    """An index folder: image and caption vector indexes, thumbnails and the caption vocabulary."""
 
     @property
     def images(self) -> Path:
@@ -132,19 +137,8 @@ class IndexDir:
 
 
 @dataclass(frozen=True)
-class RunDir:
+class RunDir(_Folder):
     """A run folder: config, metrics, checkpoints, text vectors, reports and the index of one training run."""
-
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.path)
-
-    def __str__(self) -> str:
-        return str(self.path)
 
     @classmethod
     def of_checkpoint(cls, checkpoint: str | os.PathLike) -> RunDir:
