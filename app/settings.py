@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from retrieval.checkpoint import file_fingerprint
 from retrieval.imagefile import check_pixel_limit

@@ -22,8 +22,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `streamlit run` 
 import streamlit as st
 from PIL import Image
 
-from app.settings import (AppSettings, checkpoint_file, default_checkpoint, find_checkpoints, find_indexes,
-                          load_settings)
+from app.settings import AppSettings, checkpoint_file, default_checkpoint, find_checkpoints, find_indexes, load_settings
 from app.views import caption_list, image_grid, literal, model_card, show_error, word_list
 from retrieval.errors import RetrievalError
 from retrieval.imagefile import open_image

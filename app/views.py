@@ -9,8 +9,8 @@ an image or an emphasis in it is shown as typed, not rendered (and no remote ima
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import streamlit as st
 

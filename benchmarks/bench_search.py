@@ -19,8 +19,9 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import faiss
 import numpy as np

@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipelines.common import PROJECT_ROOT
 from retrieval.errors import ConfigError, DataError
 from retrieval.imagefile import check_pixel_limit
 from retrieval.rundir import IndexDir, RunDir, RunsRoot
-
-from pipelines.common import PROJECT_ROOT
 
 APP_FILE = PROJECT_ROOT / "app" / "streamlit_app.py"
 DEFAULT_PORT = 8501

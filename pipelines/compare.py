@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.common import PROJECT_ROOT
 from retrieval.compare import CompareSpec, load_compare_config, run_comparison
 from retrieval.compare_results import ComparisonResults
 from retrieval.data import read_manifest
@@ -24,8 +25,6 @@ from retrieval.data.prepare import locate_data, prepare
 from retrieval.errors import DataError
 from retrieval.report import label, write_report
 from retrieval.runtime import torch_threads
-
-from pipelines.common import PROJECT_ROOT
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "compare_demo.yaml"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from pipelines.common import add_config_args, config_from_args
 from retrieval.config import Config
 from retrieval.console import format_metrics_table, image_query_results, text_query_results
 from retrieval.data import list_shards, read_shard_records
@@ -20,8 +21,6 @@ from retrieval.losses import describe_loss
 from retrieval.runtime import resolve_device
 from retrieval.search import open_searcher
 from retrieval.train import fit
-
-from pipelines.common import add_config_args, config_from_args
 
 EXAMPLE_QUERIES = ("a pizza on a table", "a man riding a skateboard", "a red bus on the street",
                    "bus - red + yellow")

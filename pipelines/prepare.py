@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from retrieval.data.prepare import prepare
-
 from pipelines.common import add_config_args, config_from_args
+from retrieval.data.prepare import prepare
 
 
 def main(argv: list[str] | None = None) -> int:

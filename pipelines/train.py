@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.common import add_config_args, config_from_args
 from retrieval.console import format_metrics_table
 from retrieval.train import TrainResult, fit
-
-from pipelines.common import add_config_args, config_from_args
 
 
 def summarize(result: TrainResult, ks=(1, 5, 10)) -> str:

@@ -37,6 +37,7 @@ from retrieval.compare_results import (
 )
 from retrieval.config import Config, apply_overrides, build_dataclass, config_from_dict, config_to_dict
 from retrieval.data import list_shards, read_shard_records
+from retrieval.distances import COSINE, Distance
 from retrieval.errors import ConfigError, DataError, RetrievalError
 from retrieval.evaluation import (
     HeldOutEvaluation,
@@ -47,7 +48,6 @@ from retrieval.evaluation import (
     load_held_out,
     model_embeddings,
 )
-from retrieval.distances import COSINE, Distance
 from retrieval.io import write_json
 from retrieval.losses import LOSSES, loss_settings
 from retrieval.rundir import RunDir

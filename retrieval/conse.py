@@ -13,7 +13,8 @@ The result lives in caption-vector space; compare it with captions by cosine.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

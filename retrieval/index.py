@@ -16,9 +16,10 @@ import dataclasses
 import json
 import math
 import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import faiss
 import numpy as np
@@ -326,7 +327,7 @@ class VectorIndex:
     @classmethod
     def build(cls, vectors: np.ndarray, metadata: Sequence[dict], *, kind: str | IndexKind = "auto",
               metric: str = "l2", stamp: dict, use_gpu: UseGpu = "auto", seed: int = 0,
-              **params: Any) -> "VectorIndex":
+              **params: Any) -> VectorIndex:
         """Build an index over ``vectors`` (n, d) float32; ``metadata[i]`` describes row i.
 
         ``kind`` is "flat" (exact), "ivf", "hnsw" or "auto" (flat below AUTO_FLAT_MAX items,
@@ -475,7 +476,7 @@ class VectorIndex:
 
     @classmethod
     def load(cls, directory: str | Path, *, expected_stamp: dict | None = None,
-             use_gpu: UseGpu = "auto") -> "VectorIndex":
+             use_gpu: UseGpu = "auto") -> VectorIndex:
         """Read a saved index; refuse it (ConfigError) if ``expected_stamp`` differs."""
         directory = Path(directory)
         if not directory.is_dir():

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from gensim.parsing.preprocessing import STOPWORDS

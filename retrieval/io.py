@@ -15,8 +15,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 STALE_AFTER_SECONDS = 3600
 _WRITER_TMP = re.compile(r"(?P<pid>\d+)\.[a-z0-9_]+")  # "<pid>.<random>" between ".NAME." and ".tmp"

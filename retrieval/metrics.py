@@ -25,8 +25,9 @@ ordered either way (the metrics then differ from a float64 reference by such swa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

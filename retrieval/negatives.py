@@ -15,7 +15,7 @@ import torch
 from retrieval.errors import ConfigError
 from retrieval.registry import Registry
 
-NEGATIVE_SAMPLERS: Registry["NegativeSampler"] = Registry("negative sampler")
+NEGATIVE_SAMPLERS: Registry[NegativeSampler] = Registry("negative sampler")
 
 
 class NegativeSampler:

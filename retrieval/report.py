@@ -6,8 +6,8 @@ every number in the report is a value of ``results.json`` printed with one of th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from matplotlib import colormaps

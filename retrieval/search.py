@@ -22,7 +22,6 @@ from retrieval.index import VectorIndex
 from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
 
 
-
 @dataclass(frozen=True)
 class ImageHit:
     """One image result: its key, score (higher is better), captions and thumbnail file."""
@@ -67,7 +66,7 @@ class Searcher:
         self.transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
 
     @classmethod
-    def open(cls, checkpoint: str | Path, index_dir: str | Path | IndexDir, device: str = "cpu") -> "Searcher":
+    def open(cls, checkpoint: str | Path, index_dir: str | Path | IndexDir, device: str = "cpu") -> Searcher:
         """Load a checkpoint and the index it produced (a different model or vector set is refused)."""
         model = load_checkpoint(checkpoint, device=device)
         index_dir = IndexDir(index_dir)

@@ -16,8 +16,9 @@ caption encoder it returns is a ``TextEncoder``: ``encode``, ``encode_query``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gensim.models import KeyedVectors
 
@@ -25,8 +26,14 @@ from retrieval.config import TextConfig
 from retrieval.errors import ConfigError, DataError
 from retrieval.registry import Registry
 from retrieval.rundir import RunDir
-from retrieval.text import (VECTOR_KINDS, CaptionEncoder, TextEncoder, load_word_vectors, save_word_vectors,
-                            train_caption_word2vec)
+from retrieval.text import (
+    VECTOR_KINDS,
+    CaptionEncoder,
+    TextEncoder,
+    load_word_vectors,
+    save_word_vectors,
+    train_caption_word2vec,
+)
 from retrieval.text.sentence import SENTENCE_KIND, SentenceEncoder, packaged_minilm_dir
 
 

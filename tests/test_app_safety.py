@@ -19,7 +19,6 @@ from retrieval.checkpoint_io import TRUST_PICKLED_CHECKPOINTS
 from retrieval.data import list_shards
 from retrieval.indexing import build_index
 from retrieval.rundir import RunDir, RunsRoot
-
 from tests.test_checkpoint import RunsShellCommand
 
 APP_FILE = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"

@@ -12,16 +12,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
+from pipelines.app import stop_server
 from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
 from retrieval.indexing import build_index
-
-from pipelines.app import stop_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from pipelines.cli import main
-
 from tests.conftest import SAMPLE_CAPTIONS
 
 

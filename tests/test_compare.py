@@ -17,7 +17,6 @@ from retrieval.compare_results import ComparisonResults, RunResult
 from retrieval.errors import ConfigError, DataError
 from retrieval.report import render_report
 from retrieval.rundir import RunDir
-
 from tests.conftest import PROJECT_ROOT
 
 VARIANTS = [

@@ -7,11 +7,19 @@ import dataclasses
 import pytest
 import yaml
 
-from retrieval.config import (Config, LossConfig, build_dataclass, check_ranges, config_from_dict, config_to_dict,
-                              load_config, ranged, save_config)
+from retrieval.config import (
+    Config,
+    LossConfig,
+    build_dataclass,
+    check_ranges,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    ranged,
+    save_config,
+)
 from retrieval.errors import ConfigError
 from retrieval.train import fit
-
 from tests.conftest import PROJECT_ROOT
 
 

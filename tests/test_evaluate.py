@@ -13,8 +13,14 @@ from retrieval.checkpoint import load_checkpoint
 from retrieval.data import list_shards
 from retrieval.distances import L2
 from retrieval.embed import caption_pairs, encode_shards, eval_transform
-from retrieval.evaluation import (CheckpointReport, RetrievalReport, chance_report, cross_modal_report,
-                                  evaluate_embeddings, format_report)
+from retrieval.evaluation import (
+    CheckpointReport,
+    RetrievalReport,
+    chance_report,
+    cross_modal_report,
+    evaluate_embeddings,
+    format_report,
+)
 from retrieval.rundir import RunDir
 
 METRICS = [f"{d}/{m}" for d in ("text_to_image", "image_to_text")

@@ -111,7 +111,6 @@ def test_prepare_and_index_remove_what_killed_runs_left(trained_run, sample_shar
     from retrieval.data import list_shards
     from retrieval.data.prepare import prepare
     from retrieval.indexing import build_index
-
     from tests.conftest import demo_config
 
     dead = dead_pid()

@@ -13,7 +13,6 @@ from retrieval.errors import ConfigError
 from retrieval.losses import LOSSES
 from retrieval.losses.triplet_offline import OfflineBankTripletLoss
 from retrieval.train import fit
-
 from tests.conftest import demo_config
 
 CLASSES = ("red square", "blue circle", "green triangle", "yellow square")

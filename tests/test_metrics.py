@@ -12,10 +12,10 @@ import pytest
 from retrieval.errors import ConfigError, DataError
 from retrieval.metrics import (
     RetrievalMetrics,
+    _ordered_keys,
     chance_recall,
     retrieval_metrics,
 )
-from retrieval.metrics import _ordered_keys
 
 
 def brute_force(queries, items, query_labels, item_labels, ks, distance):

@@ -21,7 +21,6 @@ from retrieval.errors import ConfigError, DataError
 from retrieval.rundir import RunDir
 from retrieval.runtime import resolve_device
 from retrieval.text import save_word_vectors, train_caption_word2vec
-
 from tests.conftest import SAMPLE_CAPTIONS, demo_config
 
 SAMPLE_IMAGES = SAMPLE_CAPTIONS.parent / "images"

@@ -6,8 +6,8 @@ Each loop first checks that it covers the whole registry, so a new entry without
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
@@ -23,7 +23,6 @@ from retrieval.index import AUTO_FLAT_MAX, INDEX_KINDS, VectorIndex, index_param
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
 from retrieval.targets import TEXT_SIDES, build_caption_encoder, restore_caption_encoder
 from retrieval.text import save_word_vectors
-
 from tests.test_fashion_mnist import fake_split, write_idx
 from tests.test_shards import build_source
 from tests.test_text_vectors import CAPTIONS, WORDS, toy_kv, write_glove_package_dir, write_glove_text

@@ -19,7 +19,6 @@ from retrieval.errors import ConfigError, DataError, QueryError  # noqa: E402
 from retrieval.targets import build_caption_encoder, restore_caption_encoder  # noqa: E402
 from retrieval.text.sentence import SentenceEncoder, packaged_minilm_dir, read_sentence_settings  # noqa: E402
 from retrieval.train import fit  # noqa: E402
-
 from tests.conftest import demo_config  # noqa: E402
 
 WORDS = ["a", "the", "dog", "cat", "man", "on", "of", "with", "table", "pizza", "runs", "red", "bus", "and"]

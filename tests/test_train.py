@@ -15,7 +15,6 @@ from retrieval.errors import DataError
 from retrieval.models import create_backbone
 from retrieval.runtime import seed_everything
 from retrieval.train import Trainer, fit, rsum
-
 from tests.conftest import demo_config
 
 

@@ -11,9 +11,10 @@ data: a caption is relevant to its own scene), but meta lists the items (``item_
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 

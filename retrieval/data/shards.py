@@ -10,9 +10,10 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import webdataset as wds
 from tqdm import tqdm
@@ -121,7 +122,7 @@ def list_shards(shard_dir: str | os.PathLike, split: str) -> list[str]:
 
 def hash_split(key: str, val_fraction: float, split_seed: int = 0) -> str:
     """``"val"`` or ``"train"`` from a sha1 of (seed, key): stable and independent of record order."""
-    digest = hashlib.sha1(f"{split_seed}:{key}".encode("utf-8")).digest()
+    digest = hashlib.sha1(f"{split_seed}:{key}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction else "train"
 
 

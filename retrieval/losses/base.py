@@ -14,8 +14,9 @@ may give (see :mod:`retrieval.losses.settings`); :attr:`family` groups it for co
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ class LossOutput:
     @classmethod
     def from_terms(
         cls, value: torch.Tensor, active: torch.Tensor, pos_distance: torch.Tensor, neg_distance: torch.Tensor
-    ) -> "LossOutput":
+    ) -> LossOutput:
         """Build an output from per-term tensors (detached for the logged statistics)."""
         with torch.no_grad():
             return cls(

@@ -15,7 +15,8 @@ Logged: active fraction = pairs with non-zero loss; distances = L2 of every posi
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from pytorch_metric_learning.distances import LpDistance

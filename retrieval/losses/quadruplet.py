@@ -15,7 +15,8 @@ of ``(i, j)`` and ``(i, k)``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -7,7 +7,8 @@ loss's own settings) plus what the run knows (its seed, the number of classes, t
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from retrieval.errors import ConfigError
 from retrieval.losses.settings import INJECTED, checked_settings, with_defaults

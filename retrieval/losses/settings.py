@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import inspect
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Mapping
+from typing import Annotated, Any
 
 from retrieval.errors import ConfigError
 

@@ -19,7 +19,8 @@ Logged: active fraction = rows with non-zero loss; distances = L2 to ``t+`` and 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

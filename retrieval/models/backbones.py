@@ -20,7 +20,7 @@ from retrieval.registry import Registry
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-BACKBONES: Registry["Backbone"] = Registry("backbone")
+BACKBONES: Registry[Backbone] = Registry("backbone")
 
 
 @dataclass

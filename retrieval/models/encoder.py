@@ -41,7 +41,7 @@ class ImageEncoder(nn.Module):
             for parameter in self.backbone.parameters():
                 parameter.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "ImageEncoder":
+    def train(self, mode: bool = True) -> ImageEncoder:
         super().train(mode)
         if self.freeze_backbone:  # a frozen backbone keeps its batch-norm statistics
             self.backbone.eval()

@@ -18,8 +18,8 @@ import functools
 import hashlib
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from gensim.models import KeyedVectors, Word2Vec
@@ -77,7 +77,8 @@ def load_word_vectors(
         raise
     except Exception as exc:  # gensim/numpy/pickle raise many types for a bad file
         hint = " (not a gensim KeyedVectors/Word2Vec save?)" if kind == "gensim" else ""
-        raise DataError(f"cannot read {kind} word vectors from {path}{hint}: {one_line_reason(exc, with_type=True)}") from None
+        reason = one_line_reason(exc, with_type=True)
+        raise DataError(f"cannot read {kind} word vectors from {path}{hint}: {reason}") from None
     if len(kv) == 0 or kv.vector_size < 1:
         raise DataError(f"word vectors file {path} holds no vectors")
     if kind == "gensim" and limit is not None and limit < len(kv):
@@ -209,7 +210,7 @@ def vectors_fingerprint(kv: KeyedVectors) -> str:
     if n:
         rows = np.unique(np.linspace(0, n - 1, num=min(n, 1000)).astype(np.int64))
         for row in rows:
-            digest.update(f"{row}:{kv.index_to_key[row]}\n".encode("utf-8"))
+            digest.update(f"{row}:{kv.index_to_key[row]}\n".encode())
         sample = np.ascontiguousarray(np.asarray(kv.vectors[rows], dtype="<f4"))
         digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
