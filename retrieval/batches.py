@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 from retrieval.config import Config
 from retrieval.data import make_loader, make_train_pipeline, read_shard_records
+from retrieval.data.pipeline import error_handler
+from retrieval.data.skips import SkippedItems
 from retrieval.embed import (
     EncodedCollection,
     caption_pairs,
@@ -80,14 +82,15 @@ class CachedFeatureBatches(BatchSource):
     """Pooled features of a frozen backbone, computed once per split (or read from the feature cache)."""
 
     def __init__(self, config: Config, backbone: Backbone, train_shards: list[str], val_shards: list[str],
-                 device: str, progress: bool = True) -> None:
+                 device: str, progress: bool = True, skipped: SkippedItems | None = None) -> None:
         self.config, self.device = config, device
+        handler = error_handler(skipped)
         self.generator = torch.Generator().manual_seed(config.train.seed)
         features = backbone.module.to(device).eval()
         self.train_set, self.val_set = (
             split_features(shards, split, features, model_config=config.model, image_size=config.data.image_size,
                            mean=backbone.mean, std=backbone.std, cache_dir=config.train.feature_cache_dir,
-                           device=device, progress=progress)
+                           device=device, progress=progress, handler=handler)
             for split, shards in (("train", train_shards), ("val", val_shards)))
 
     def batches(self, epoch: int, targets: CaptionTargets) -> Iterator[Batch]:
@@ -122,11 +125,12 @@ class StreamedImageBatches(BatchSource):
     """Augmented images streamed from the shards each epoch, for end-to-end fine-tuning."""
 
     def __init__(self, config: Config, backbone: Backbone, train_shards: list[str], val_shards: list[str],
-                 device: str, progress: bool = True) -> None:
+                 device: str, progress: bool = True, skipped: SkippedItems | None = None) -> None:
         self.config, self.device, self.progress = config, device, progress
+        self.handler = error_handler(skipped)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.mean, self.std = backbone.mean, backbone.std
-        records = read_shard_records(train_shards)
+        records = read_shard_records(train_shards, self.handler)
         self.train_set = EncodedCollection(torch.zeros(len(records), 0), [r["key"] for r in records],
                                            [r["captions"] for r in records], [r.get("meta", {}) for r in records])
 
@@ -142,7 +146,8 @@ class StreamedImageBatches(BatchSource):
         train = self.config.train
         transform = train_transform(self.config.data.image_size, self.mean, self.std)
         pipeline = make_train_pipeline(self.train_shards, transform=transform, caption_vector=table.get,
-                                       shuffle_buffer=train.shuffle_buffer, seed=train.seed + epoch - 1)
+                                       shuffle_buffer=train.shuffle_buffer, seed=train.seed + epoch - 1,
+                                       handler=self.handler)
         loader = make_loader(pipeline, train.batch_size, self.config.data.num_workers)
         for images, vectors, keys in loader:
             yield images, vectors, targets.labels[torch.tensor([index_of[k] for k in keys])]
@@ -154,13 +159,17 @@ class StreamedImageBatches(BatchSource):
                  ) -> tuple[torch.Tensor, EncodedCollection]:
         transform = eval_transform(self.config.data.image_size, self.mean, self.std)
         collection = encode_shards(self.val_shards, lambda images: to_search_space(self.embed(encoder, images)),
-                                   transform, device=self.device, desc="encoding val images", progress=self.progress)
+                                   transform, device=self.device, desc="encoding val images", progress=self.progress,
+                                   handler=self.handler)
         return collection.vectors, collection
 
 
 def batch_source(config: Config, backbone: Backbone, train_shards: list[str], val_shards: list[str], device: str,
-                 progress: bool = True) -> BatchSource:
-    """Cached features for a frozen backbone with ``train.cache_features``, else streamed images."""
+                 progress: bool = True, skipped: SkippedItems | None = None) -> BatchSource:
+    """Cached features for a frozen backbone with ``train.cache_features``, else streamed images.
+
+    ``skipped`` (the ``data.on_error: skip`` policy) collects the bad samples and shards passed over; None raises.
+    """
     cached = config.model.freeze_backbone and config.train.cache_features
     source = CachedFeatureBatches if cached else StreamedImageBatches
-    return source(config, backbone, train_shards, val_shards, device, progress)
+    return source(config, backbone, train_shards, val_shards, device, progress, skipped)

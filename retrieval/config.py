@@ -81,9 +81,14 @@ class DataConfig:
     split_seed: int = 0
     image_size: int = ranged(224, ge=1)
     num_workers: int = ranged(0, ge=0)
+    on_error: str = "stop"  # stop: a bad item is a one-line error | skip: bad items are passed over and counted
 
     def __post_init__(self) -> None:
+        from retrieval.data.skips import ON_ERROR
         from retrieval.data.sources import make_source_options, source_type  # the data package loads torch
+
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error: must be {' or '.join(ON_ERROR)}, got {self.on_error!r}")
 
         options = self.source_options
         if options is None or isinstance(options, dict):

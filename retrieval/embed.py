@@ -17,6 +17,7 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from retrieval.data import Sample, iter_samples
+from retrieval.data.pipeline import Handler, raise_data_error
 from retrieval.io import atomic_path
 
 
@@ -45,10 +46,12 @@ class EncodedCollection:
 @torch.no_grad()
 def encode_shards(shards: Sequence[str], forward: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
                   *, batch_size: int = 32, device: str = "cpu", desc: str = "encoding images",
-                  progress: bool = True, visit: Callable[[Sample], None] | None = None) -> EncodedCollection:
+                  progress: bool = True, visit: Callable[[Sample], None] | None = None,
+                  handler: Handler = raise_data_error) -> EncodedCollection:
     """Run ``forward`` over every image of ``shards`` (in order) and keep captions and metadata.
 
     ``visit`` is called with each decoded sample, so other per-image work needs no second read.
+    ``handler`` gets every bad sample or shard (default: a one-line ``DataError``).
     """
     outputs, keys, captions, meta, batch = [], [], [], [], []
 
@@ -57,7 +60,7 @@ def encode_shards(shards: Sequence[str], forward: Callable[[torch.Tensor], torch
             outputs.append(forward(torch.stack(batch).to(device)).float().cpu())
             batch.clear()
 
-    for sample in tqdm(iter_samples(shards), desc=desc, unit="img", leave=False, disable=not progress):
+    for sample in tqdm(iter_samples(shards, handler), desc=desc, unit="img", leave=False, disable=not progress):
         if visit is not None:
             visit(sample)
         batch.append(transform(sample.image))
@@ -117,8 +120,12 @@ def _read_cached_features(path: Path) -> EncodedCollection | None:
 
 def split_features(shards: Sequence[str], split: str, features: Callable[[torch.Tensor], torch.Tensor], *,
                    model_config, image_size: int, mean, std, cache_dir: str | None = None,
-                   device: str = "cpu", progress: bool = True) -> EncodedCollection:
-    """Pooled backbone features of ``shards``: read from (or written to) the shared feature cache."""
+                   device: str = "cpu", progress: bool = True, handler: Handler = raise_data_error
+                   ) -> EncodedCollection:
+    """Pooled backbone features of ``shards``: read from (or written to) the shared feature cache.
+
+    ``handler`` gets every bad sample or shard (default: a one-line ``DataError``).
+    """
     path = None
     if cache_dir:
         path = feature_cache_path(cache_dir, model_config.backbone, model_config.weights, image_size, split, shards)
@@ -126,7 +133,7 @@ def split_features(shards: Sequence[str], split: str, features: Callable[[torch.
         if cached is not None:
             return cached
     collection = encode_shards(shards, features, eval_transform(image_size, mean, std), device=device,
-                               desc=f"encoding {split} images", progress=progress)
+                               desc=f"encoding {split} images", progress=progress, handler=handler)
     if path is not None:
         with atomic_path(path) as tmp:
             torch.save(dataclasses.asdict(collection), tmp)

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 from gensim.parsing.preprocessing import STOPWORDS
+from tqdm.auto import tqdm
 
 from retrieval.checkpoint import LoadedModel, load_checkpoint
 from retrieval.data import Sample, list_shards
+from retrieval.data.pipeline import error_handler
+from retrieval.data.skips import SkippedItems, skipped_summary
 from retrieval.distances import search_distance
 from retrieval.embed import encode_shards, eval_transform, known_captions
 from retrieval.index import VectorIndex
@@ -52,11 +55,13 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
 
     ``metric``: ``auto`` compares by the loss's distance, else by the distance it names
     (``index.metric``); images and captions are stored mapped into that distance's search space.
+    With the run's ``data.on_error: skip``, bad samples and shards are warned about, passed over and counted.
     """
     out_dir = Path(out_dir)
     distance = search_distance(model.loss.distance, metric)
     transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
     stamp = index_stamp(model)
+    skipped = SkippedItems(warn=True) if model.config.data.on_error == "skip" else None
     if kind in (None, model.config.index.kind):  # the configured kind with its parameters; another kind: its defaults
         kind = model.config.index.params
     with atomic_dir(out_dir) as tmp:
@@ -69,7 +74,7 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
         if thumbnails:
             staged.thumbnails.mkdir()
         collection = encode_shards(shards, model.embed_images, transform, device=device, desc="embedding images",
-                                   visit=save_thumbnail if thumbnails else None)
+                                   visit=save_thumbnail if thumbnails else None, handler=error_handler(skipped))
         texts, caption_vectors, owner, _ = known_captions(collection.captions, model.caption_encoder.encode_batch)
         image_vectors = distance.to_search_space(collection.vectors.numpy().astype(np.float32))
         caption_vectors = distance.to_search_space(caption_vectors.astype(np.float32))
@@ -82,6 +87,8 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
                           stamp=stamp).save(staged.captions)
         vocabulary = caption_vocabulary(texts, caption_vectors, model.caption_encoder)
         staged.vocabulary_file.write_text(json.dumps(vocabulary))
+    if skipped is not None:
+        tqdm.write(f"data.on_error=skip: {skipped_summary(skipped.counts())}")
     return out_dir
 
 

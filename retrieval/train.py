@@ -19,6 +19,7 @@ from retrieval.batches import batch_source, caption_targets
 from retrieval.checkpoint import save_checkpoint
 from retrieval.config import Config, check_ranges, save_config
 from retrieval.data import list_shards
+from retrieval.data.skips import SkippedItems, skipped_summary
 from retrieval.embed import EncodedCollection
 from retrieval.errors import ConfigError, DataError
 from retrieval.evaluation import CaptionQueries, caption_queries, class_count, cross_modal_report
@@ -90,7 +91,9 @@ class Trainer:
         train_shards = list_shards(config.data.shard_dir, "train")
         val_shards = list_shards(config.data.shard_dir, "val")
         self.backbone = create_backbone(config.model.backbone, config.model.weights)
-        self.source = batch_source(config, self.backbone, train_shards, val_shards, self.device, progress)
+        self.skipped = SkippedItems(warn=True) if config.data.on_error == "skip" else None
+        self.source = batch_source(config, self.backbone, train_shards, val_shards, self.device, progress,
+                                   self.skipped)
         if not self.source.train_set.keys:
             raise DataError(f"no training images in {config.data.shard_dir}")
         if overwrite:
@@ -200,6 +203,8 @@ class Trainer:
                             **({"t2i_R@5": f"{stats.metrics.get('text_to_image/R@5', 0):.2f}"}
                                if stats.metrics else {}))
         last = self.save(LAST_CHECKPOINT, epochs, self.history[-1].metrics if self.history else initial)
+        if self.skipped is not None:
+            tqdm.write(f"data.on_error=skip: {skipped_summary(self.skipped.counts())}")
         return TrainResult(self.run_dir.path, self.history, initial,
                            self.history[-1].metrics if self.history else initial,
                            best_metrics, self.run_dir.checkpoint(BEST_CHECKPOINT), last,

@@ -195,6 +195,7 @@ class FashionMnistSource(SourceOptions):
         if self.zero_shot_classes and data.split_by != "split":
             raise ConfigError(f"data.split_by must be 'split' with {ZERO_SHOT_FIELD} (they must stay out of train)")
 
-    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float,
+                skipped: Any = None) -> Iterator[Record]:
         return records_from_fashion_mnist(path, limit_per_class=self.limit_per_class,
                                           zero_shot_classes=self.zero_shot_classes, seed=seed)

@@ -126,6 +126,7 @@ class FashionMnistScenesSource(SourceOptions):
             raise ConfigError("data.split_by must be 'split' for fashion-mnist-scenes (val scenes use test items only)")
         scene_counts(self.scene_count, data.val_fraction)
 
-    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float,
+                skipped: Any = None) -> Iterator[Record]:
         return records_from_fashion_mnist_scenes(path, scene_count=self.scene_count, val_fraction=val_fraction,
                                                  seed=seed, limit_per_class=self.limit_per_class)

@@ -22,7 +22,8 @@ import webdataset as wds
 from PIL import Image
 
 from retrieval.data.images import image_error_text
-from retrieval.data.shards import check_samples_read
+from retrieval.data.shards import SHORT_SHARD, check_samples_read
+from retrieval.data.skips import BadItem, SkippedItems
 from retrieval.data.sources import IMAGE_EXTS, wds_error_text
 from retrieval.errors import DataError
 
@@ -48,6 +49,37 @@ def raise_data_error(exn: Exception) -> bool:
             raise DataError(str(exn.args[0])) from None
         raise exn
     raise DataError(f"cannot read shard data: {wds_error_text(exn)}") from exn
+
+
+def skip_and_count(skipped: SkippedItems) -> Handler:
+    """The ``data.on_error: skip`` handler: note each bad sample or shard in ``skipped`` once, and go on.
+
+    An item met again (the next epoch reads the same shards) is not noted twice; a shard that stopped with
+    a read error is not noted again for holding fewer samples than its manifest lists.
+    """
+    seen: set[str] = set()
+
+    def handler(exn: Exception) -> bool:
+        if isinstance(exn, DataError):
+            message = str(exn.args[0]) if exn.args else str(exn)
+            error = BadItem(message, getattr(exn, "reason", "bad shard data"), getattr(exn, "where", ""))
+        else:
+            urls = [a for a in getattr(exn, "args", ())[1:] if isinstance(a, str)]
+            error = BadItem(f"cannot read shard data: {wds_error_text(exn)}", "shard unreadable",
+                            urls[-1] if urls else "")
+        if str(error) in seen or (error.reason == SHORT_SHARD and error.where in seen):
+            return True
+        seen.update(item for item in (str(error), error.where) if item)
+        skipped.add(error)
+        return True
+
+    return handler
+
+
+def error_handler(skipped: SkippedItems | None) -> Handler:
+    """The readers' handler for a ``data.on_error`` policy: :func:`raise_data_error` (stop, ``skipped`` None)
+    or :func:`skip_and_count`."""
+    return raise_data_error if skipped is None else skip_and_count(skipped)
 
 
 @dataclass
@@ -110,13 +142,15 @@ def _sample_where(sample: dict) -> str:
 
 def _sample_info(sample: dict) -> dict:
     """The ``json`` member of a raw tar sample (key, captions, meta); missing or malformed → DataError."""
+    where = _sample_where(sample)
     if "json" not in sample:
-        raise DataError(f"{_sample_where(sample)}: no json member (its key, captions and meta)")
+        raise BadItem(f"{where}: no json member (its key, captions and meta)", "sample lacks a member", where)
     try:
         info = json.loads(sample["json"])
         info["captions"], info["meta"] = list(info["captions"]), dict(info.get("meta") or {})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{_sample_where(sample)}: bad json member: {type(exc).__name__}: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise BadItem(f"{where}: bad json member: {text}", "sample does not decode", where) from None
     return info
 
 
@@ -125,13 +159,14 @@ def decode_sample(sample: dict) -> Sample:
     where = _sample_where(sample)
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        raise DataError(f"{where}: no image member ({', '.join(IMAGE_EXTS)})")
+        raise BadItem(f"{where}: no image member ({', '.join(IMAGE_EXTS)})", "sample lacks a member", where)
     info = _sample_info(sample)
     try:
         with Image.open(io.BytesIO(sample[ext])) as raw:
             image = raw.convert("RGB")
     except Exception as exc:  # PIL raises many types
-        raise DataError(f"{where}: image does not decode: {image_error_text(exc)}") from None
+        raise BadItem(f"{where}: image does not decode: {image_error_text(exc)}", "image does not decode",
+                      where) from None
     return Sample(key=str(info.get("key", sample["__key__"])), image=image, captions=info["captions"],
                   meta=info["meta"])
 

@@ -19,11 +19,14 @@ import webdataset as wds
 from tqdm import tqdm
 
 from retrieval.data.images import check_image_bytes, image_error_text
+from retrieval.data.skips import BadItem, SkippedItems, pass_on
 from retrieval.data.sources import Record, check_unique_keys
 from retrieval.errors import ConfigError, DataError
 from retrieval.io import atomic_dir, write_json
 
 MANIFEST = "manifest.json"
+SHORT_SHARD = "shard holds fewer samples than its manifest"  # the reason a skip policy counts
+SKIPPED = "skipped.jsonl"  # beside the manifest with data.on_error: skip; one JSON object per skipped item
 MANIFEST_FORMAT = "retrieval-shards/1"
 SPLITS = ("train", "val")
 _VAL_NAMES = ("val", "validation", "test")
@@ -42,6 +45,7 @@ class ShardManifest:
     split: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
     shard_counts: dict[str, int] = field(default_factory=dict)  # shard file name → samples written into it
+    skipped: dict[str, int] = field(default_factory=dict)  # reason → items passed over (data.on_error: skip)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,15 +82,15 @@ def read_manifest(shard_dir: str | os.PathLike) -> ShardManifest:
     return ShardManifest(**{k: v for k, v in data.items() if k in known})
 
 
-def short_shards(read: Mapping[str, int]) -> list[str]:
-    """One message per shard file whose full read gave another number of samples than its manifest lists.
+def short_shards(read: Mapping[str, int]) -> dict[str, str]:
+    """Shard path → message, for each shard file whose full read gave another number of samples than its manifest lists.
 
     ``read`` maps each shard path to the samples read from it in one complete pass. A tar file cut at a
     member boundary reads without any error, only short: this is how it is noticed. Shards without a
     manifest beside them, or not listed in it, are not checked.
     """
     manifests: dict[Path, ShardManifest | None] = {}
-    messages = []
+    messages = {}
     for shard, count in read.items():
         folder = Path(shard).parent
         if folder not in manifests:
@@ -94,8 +98,8 @@ def short_shards(read: Mapping[str, int]) -> list[str]:
         manifest = manifests[folder]
         expected = manifest.samples_in(Path(shard).name) if manifest is not None else None
         if expected is not None and count != expected:
-            messages.append(f"{shard}: holds {count} of the {expected} samples its manifest lists "
-                            "(truncated or replaced?); prepare the shards again")
+            messages[shard] = (f"{shard}: holds {count} of the {expected} samples its manifest lists "
+                               "(truncated or replaced?); prepare the shards again")
     return messages
 
 
@@ -105,8 +109,8 @@ def check_samples_read(read: Mapping[str, int], handler: Callable[[Exception], b
     The default handler of the readers raises it; a handler that returns instead lets a reader go on
     (the hook for a policy that skips damaged shards and counts them).
     """
-    for message in short_shards(read):
-        handler(DataError(message))
+    for shard, message in short_shards(read).items():
+        handler(BadItem(message, SHORT_SHARD, shard))
 
 
 def list_shards(shard_dir: str | os.PathLike, split: str) -> list[str]:
@@ -132,23 +136,24 @@ def assign_split(record: Record, split_by: str = "hash", val_fraction: float = 0
         return hash_split(record.key, val_fraction, split_seed)
     where = record.origin or f"key {record.key}"
     if split_by not in record.meta:
-        raise DataError(f"{where}: meta field {split_by!r} (split_by) is missing")
+        raise BadItem(f"{where}: meta field {split_by!r} (split_by) is missing", "no split", where)
     value = str(record.meta[split_by]).strip().lower()
     if value == "train":
         return "train"
     if value in _VAL_NAMES:
         return "val"
-    raise DataError(
-        f"{where}: meta field {split_by!r} is {record.meta[split_by]!r}; want train, val, validation or test"
-    )
+    raise BadItem(
+        f"{where}: meta field {split_by!r} is {record.meta[split_by]!r}; want train, val, validation or test",
+        "no split", where)
 
 
 def _verify_image(record: Record) -> None:
     try:
         check_image_bytes(record.image_bytes)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        raise DataError(f"{record.origin or record.key}: image does not decode (key {record.key}): "
-                        f"{image_error_text(exc)}") from None
+        where = record.origin or record.key
+        raise BadItem(f"{where}: image does not decode (key {record.key}): {image_error_text(exc)}",
+                      "image does not decode", where) from None
 
 
 def _sample(record: Record) -> dict[str, Any]:
@@ -219,23 +224,32 @@ def write_shards(
     split_by: str = "hash",
     source: str = "",
     progress: bool = True,
+    skipped: SkippedItems | None = None,
 ) -> ShardManifest:
     """Write ``records`` as train/val tar shards plus ``manifest.json`` into ``out_dir``, atomically.
 
     ``split_by="hash"`` splits by a seeded hash of the key (``val_fraction`` of records go to val);
     any other value names a meta field whose value is train or val/validation/test. Every image is
     verified and fully decoded (a truncated file fails here, naming its record); keys must be unique.
-    Any failure leaves ``out_dir`` untouched.
+    Any failure leaves ``out_dir`` untouched. With ``skipped`` (the ``data.on_error: skip`` policy) a bad
+    record is noted there and passed over instead, and the folder gets ``skipped.jsonl`` listing every item
+    ``skipped`` holds (the readers' too).
     """
     _check_args(shard_size, val_fraction, split_by)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         writers = _SplitWriters(tmp, shard_size)
         with contextlib.closing(writers):
-            bar = tqdm(check_unique_keys(records), desc=f"writing {out.name}", unit="img", disable=not progress)
+            bar = tqdm(check_unique_keys(records, skipped), desc=f"writing {out.name}", unit="img",
+                       disable=not progress)
             for record in bar:
-                _verify_image(record)
-                writers.write(assign_split(record, split_by, val_fraction, split_seed), record)
+                try:
+                    _verify_image(record)
+                    split = assign_split(record, split_by, val_fraction, split_seed)
+                except BadItem as error:
+                    pass_on(error, skipped)
+                    continue
+                writers.write(split, record)
         if sum(writers.counts.values()) == 0:
             raise DataError(f"{source or out}: no records to write")
         split_rule: dict[str, Any] = {"by": split_by}
@@ -249,6 +263,9 @@ def write_shards(
             shard_size=shard_size,
             split=split_rule,
             shard_counts=writers.shard_counts,
+            skipped=skipped.counts() if skipped is not None else {},
         )
         write_json(tmp / MANIFEST, manifest.to_json())
+        if skipped is not None:
+            skipped.write(tmp / SKIPPED)
     return manifest

@@ -25,6 +25,7 @@ from typing import Any
 
 import webdataset as wds
 
+from retrieval.data.skips import BadItem, SkippedItems, pass_on
 from retrieval.errors import ConfigError, DataError
 from retrieval.registry import Registry
 
@@ -49,14 +50,15 @@ def make_key(name: str) -> str:
     return _KEY_UNSAFE.sub("_", str(name)).strip("_")
 
 
-def check_unique_keys(records: Iterable[Record]) -> Iterator[Record]:
-    """Pass records through; a key seen twice raises ``DataError`` naming both origins."""
+def check_unique_keys(records: Iterable[Record], skipped: SkippedItems | None = None) -> Iterator[Record]:
+    """Pass records through; a key seen twice raises ``DataError`` naming both origins (with ``skipped``: the
+    second is skipped)."""
     seen: dict[str, str] = {}
     for record in records:
         if record.key in seen:
-            raise DataError(
-                f"duplicate key {record.key!r}: {seen[record.key] or '?'} and {record.origin or '?'}"
-            )
+            pass_on(BadItem(f"duplicate key {record.key!r}: {seen[record.key] or '?'} and {record.origin or '?'}",
+                            "duplicate key", record.origin), skipped)
+            continue
         seen[record.key] = record.origin
         yield record
 
@@ -76,18 +78,11 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not valid UTF-8 text ({_one_line(exc)})")
 
 
-def _utf8_lines(handle: Iterable[str], path: Path) -> Iterator[str]:
-    """The lines of a text file opened as UTF-8; bytes that are not UTF-8 → DataError naming their line."""
-    try:
-        yield from handle
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
-
-
 def _image_ext(path: Path, where: str) -> str:
     ext = path.suffix.lower().lstrip(".")
     if ext not in IMAGE_EXTS:
-        raise DataError(f"{where}: not an image file name (want one of {', '.join(IMAGE_EXTS)}): {path.name}")
+        raise BadItem(f"{where}: not an image file name (want one of {', '.join(IMAGE_EXTS)}): {path.name}",
+                      "not an image file name", where)
     return "jpg" if ext == "jpeg" else ext
 
 
@@ -96,19 +91,20 @@ def _read_image(path: Path, where: str) -> tuple[bytes, str]:
     try:
         return path.read_bytes(), ext
     except FileNotFoundError:
-        raise DataError(f"{where}: image file not found: {path}") from None
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read image {path}: {_one_line(exc)}") from None
+        raise BadItem(f"{where}: image file not found: {path}", "image file not found", where) from None
+    except (OSError, ValueError) as exc:  # ValueError: a name with a NUL byte
+        raise BadItem(f"{where}: cannot read image {path}: {_one_line(exc)}", "image file unreadable", where) from None
 
 
 def _captions(value: Any, where: str, name: str) -> tuple[str, ...]:
     """Validate a caption field (a string or a list of strings); empty → DataError."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise DataError(f"{where}: field {name!r} is missing or empty")
+        raise BadItem(f"{where}: field {name!r} is missing or empty", "caption missing or empty", where)
     for i, caption in enumerate(items):
         if not isinstance(caption, str) or not caption.strip():
-            raise DataError(f"{where}: field {name!r} item {i} is not a non-empty string")
+            raise BadItem(f"{where}: field {name!r} item {i} is not a non-empty string", "caption missing or empty",
+                          where)
     return tuple(c.strip() for c in items)
 
 
@@ -118,82 +114,142 @@ def _make_record(
     data, ext = _read_image(image_path, where)
     safe = make_key(key if key is not None else image_path.stem)
     if not safe:
-        raise DataError(f"{where}: cannot derive a key from {image_path.name!r}")
+        raise BadItem(f"{where}: cannot derive a key from {image_path.name!r}", "no key", where)
     return Record(safe, data, ext, captions, meta, origin=where)
 
 
-def records_from_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Record]:
+def records_from_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                       skipped: SkippedItems | None = None) -> Iterator[Record]:
     """Records from JSON lines with ``image`` and ``captions`` (list) or ``caption`` (str).
 
     ``image`` is relative to ``image_root`` (default: the jsonl's folder); other fields go to meta.
+    A bad line raises its one-line ``DataError``; with ``skipped`` it is noted there and passed over.
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    return check_unique_keys(_jsonl_records(path, root))
+    return check_unique_keys(_jsonl_records(path, root, skipped), skipped)
 
 
-def _jsonl_records(path: Path, root: Path) -> Iterator[Record]:
+def _jsonl_records(path: Path, root: Path, skipped: SkippedItems | None = None) -> Iterator[Record]:
     try:
-        lines = path.open(encoding="utf-8")
+        lines = path.open("rb")
     except OSError as exc:
         raise DataError(f"{path}: cannot open captions file: {_one_line(exc)}") from None
     with lines:
-        for lineno, line in enumerate(_utf8_lines(lines, path), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+        for lineno, raw in enumerate(lines, start=1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: bad JSON line: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            image = obj.get("image")
-            if not isinstance(image, str) or not image:
-                raise DataError(f"{where}: field 'image' is missing or not a string")
-            name = "captions" if "captions" in obj else "caption"
-            captions = _captions(obj.get(name), where, name)
-            meta = {k: v for k, v in obj.items() if k not in ("image", "captions", "caption")}
-            yield _make_record(root / image, captions, meta, f"{where} ({image})")
+                record = _jsonl_record(raw, f"{path}:{lineno}", root)
+            except BadItem as error:
+                pass_on(error, skipped)
+                continue
+            if record is not None:
+                yield record
 
 
-def records_from_csv(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Record]:
+def _jsonl_record(raw: bytes, where: str, root: Path) -> Record | None:
+    """The record of one JSON line (None for a blank line); a bad line → ``BadItem``."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        raise BadItem(f"{where}: not valid UTF-8 text (byte {bad.start + 1} of the line)", "caption not UTF-8",
+                      where) from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadItem(f"{where}: bad JSON line: {exc.msg} (column {exc.colno})", "bad JSON line", where) from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more digits than Python converts
+        raise BadItem(f"{where}: bad JSON line: {_one_line(exc)}", "bad JSON line", where) from None
+    if not isinstance(obj, dict):
+        raise BadItem(f"{where}: expected a JSON object, got {type(obj).__name__}", "bad JSON line", where)
+    image = obj.get("image")
+    if not isinstance(image, str) or not image:
+        raise BadItem(f"{where}: field 'image' is missing or not a string", "bad JSON line", where)
+    name = "captions" if "captions" in obj else "caption"
+    captions = _captions(obj.get(name), where, name)
+    meta = {k: v for k, v in obj.items() if k not in ("image", "captions", "caption")}
+    return _make_record(root / image, captions, meta, f"{where} ({image})")
+
+
+def records_from_csv(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                     skipped: SkippedItems | None = None) -> Iterator[Record]:
     """Records from a CSV with ``image`` and ``caption`` columns; rows of one image are grouped.
 
-    Images keep first-seen order; other columns (from an image's first row) go to meta.
+    Images keep first-seen order; other columns (from an image's first row) go to meta. A bad row raises
+    its one-line ``DataError``; with ``skipped`` it is noted there and passed over.
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    return check_unique_keys(_csv_records(path, root))
+    return check_unique_keys(_csv_records(path, root, skipped), skipped)
 
 
-def _csv_records(path: Path, root: Path) -> Iterator[Record]:
+def _not_utf8_field(row: Iterable[Any]) -> bool:
+    """Whether a row read with ``errors="surrogateescape"`` holds bytes that are not UTF-8."""
+    return any(isinstance(value, str) and not value.isascii() and _SURROGATE.search(value) for value in row)
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _csv_rows(reader: csv.DictReader, path: Path) -> Iterator[tuple[str, dict | BadItem]]:
+    """(where, row) per CSV row, or (where, BadItem) for a row the csv module or UTF-8 rejects."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            where = f"{path}:{reader.line_num}"
+            yield where, BadItem(f"{where}: bad CSV row: {_one_line(exc)}", "bad CSV row", where)
+            continue
+        where = f"{path}:{reader.line_num}"
+        if _not_utf8_field(list(row.values()) + list(row.get(None) or [])):
+            yield where, BadItem(f"{where}: not valid UTF-8 text", "caption not UTF-8", where)
+            continue
+        yield where, row
+
+
+def _csv_records(path: Path, root: Path, skipped: SkippedItems | None = None) -> Iterator[Record]:
     groups: dict[str, tuple[int, list[str], dict]] = {}
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in ("image", "caption") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"{path}: CSV header lacks column {missing[0]!r}")
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
+            try:
+                fieldnames = reader.fieldnames or []
+            except csv.Error as exc:
+                fieldnames, header_error = [], f"bad CSV header: {_one_line(exc)}"
+            else:
+                header_error = "not valid UTF-8 text" if _not_utf8_field(fieldnames) else ""
+            missing = [c for c in ("image", "caption") if c not in fieldnames]
+            if header_error or missing:
+                problem = header_error or f"CSV header lacks column {missing[0]!r}"
+                pass_on(BadItem(f"{path}: {problem}", "bad CSV header", f"{path}:1"), skipped)
+                return
+            for where, row in _csv_rows(reader, path):
+                if isinstance(row, BadItem):
+                    pass_on(row, skipped)
+                    continue
                 image, caption = (row.get("image") or "").strip(), row.get("caption")
                 if not image:
-                    raise DataError(f"{where}: column 'image' is empty")
+                    pass_on(BadItem(f"{where}: column 'image' is empty", "bad CSV row", where), skipped)
+                    continue
                 if caption is None or not caption.strip():
-                    raise DataError(f"{where}: column 'caption' is empty")
+                    pass_on(BadItem(f"{where}: column 'caption' is empty", "caption missing or empty", where),
+                            skipped)
+                    continue
                 if image not in groups:
                     meta = {k: v for k, v in row.items() if k not in ("image", "caption") and k}
                     groups[image] = (reader.line_num, [], meta)
                 groups[image][1].append(caption.strip())
     except OSError as exc:
         raise DataError(f"{path}: cannot read CSV: {_one_line(exc)}") from None
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: bad CSV: {_one_line(exc)}") from None
     for image, (lineno, captions, meta) in groups.items():
-        yield _make_record(root / image, tuple(captions), meta, f"{path}:{lineno} ({image})")
+        where = f"{path}:{lineno} ({image})"
+        try:
+            yield _make_record(root / image, tuple(captions), meta, where)
+        except BadItem as error:
+            pass_on(error, skipped)
 
 
 def _load_json(path: Path) -> Any:
@@ -208,16 +264,18 @@ def _load_json(path: Path) -> Any:
         raise DataError(f"{path}: bad JSON at line {exc.lineno}: {exc.msg}") from None
 
 
-def records_from_coco(captions_json: str | os.PathLike, image_dir: str | os.PathLike) -> Iterator[Record]:
+def records_from_coco(captions_json: str | os.PathLike, image_dir: str | os.PathLike,
+                      skipped: SkippedItems | None = None) -> Iterator[Record]:
     """Records from a COCO captions json (``images`` + ``annotations``), in ``images`` order.
 
-    Meta keeps ``coco_id`` and, where present, license id/name/url and the source urls.
+    Meta keeps ``coco_id`` and, where present, license id/name/url and the source urls. With ``skipped``, an
+    image that is missing or unreadable is noted there and passed over.
     """
     path = Path(captions_json)
-    return check_unique_keys(_coco_records(path, Path(image_dir)))
+    return check_unique_keys(_coco_records(path, Path(image_dir), skipped), skipped)
 
 
-def _coco_records(path: Path, image_dir: Path) -> Iterator[Record]:
+def _coco_records(path: Path, image_dir: Path, skipped: SkippedItems | None = None) -> Iterator[Record]:
     data = _load_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations'")
@@ -240,9 +298,12 @@ def _coco_records(path: Path, image_dir: Path) -> Iterator[Record]:
         where = f"{where} ({image['file_name']})"
         if image["id"] not in captions:
             raise DataError(f"{where}: no captions in 'annotations' for image id {image['id']}")
-        yield _make_record(
-            image_dir / image["file_name"], tuple(captions[image["id"]]), _coco_meta(image, licenses), where
-        )
+        try:
+            yield _make_record(
+                image_dir / image["file_name"], tuple(captions[image["id"]]), _coco_meta(image, licenses), where
+            )
+        except BadItem as error:
+            pass_on(error, skipped)
 
 
 def _coco_meta(image: dict, licenses: dict) -> dict:
@@ -373,8 +434,12 @@ class SourceOptions:
     def check(self, data: Any) -> None:
         """Refuse (ConfigError) a data section these options cannot serve; ``data`` is a ``DataConfig``."""
 
-    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
-        """The records at ``path``; ``seed`` and ``val_fraction`` are ``data.split_seed``/``data.val_fraction``."""
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float,
+                skipped: SkippedItems | None = None) -> Iterator[Record]:
+        """The records at ``path``; ``seed`` and ``val_fraction`` are ``data.split_seed``/``data.val_fraction``.
+
+        ``skipped`` (the ``data.on_error: skip`` policy) collects the items a reader passes over; None raises.
+        """
         raise NotImplementedError
 
 
@@ -388,8 +453,9 @@ class JsonlSource(SourceOptions):
 
     image_root: str | None = None
 
-    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
-        return records_from_jsonl(path, self.image_root)
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float,
+                skipped: SkippedItems | None = None) -> Iterator[Record]:
+        return records_from_jsonl(path, self.image_root, skipped)
 
 
 @SOURCES.register("csv")
@@ -399,8 +465,9 @@ class CsvSource(SourceOptions):
 
     image_root: str | None = None
 
-    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
-        return records_from_csv(path, self.image_root)
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float,
+                skipped: SkippedItems | None = None) -> Iterator[Record]:
+        return records_from_csv(path, self.image_root, skipped)
 
 
 @SOURCES.register("coco")
@@ -410,8 +477,10 @@ class CocoSource(SourceOptions):
 
     image_root: str | None = None
 
-    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
-        return records_from_coco(path, self.image_root if self.image_root is not None else Path(path).parent)
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float,
+                skipped: SkippedItems | None = None) -> Iterator[Record]:
+        return records_from_coco(path, self.image_root if self.image_root is not None else Path(path).parent,
+                                 skipped)
 
 
 @SOURCES.register("img2dataset")
@@ -419,8 +488,9 @@ class CocoSource(SourceOptions):
 class Img2datasetSource(SourceOptions):
     """img2dataset output, ``files`` or ``webdataset`` layout (``records_from_img2dataset``); no options."""
 
-    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float) -> Iterator[Record]:
-        return records_from_img2dataset(path)
+    def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float,
+                skipped: SkippedItems | None = None) -> Iterator[Record]:
+        return records_from_img2dataset(path)  # its entries fail whole; skipping covers the images (at write)
 
 
 def source_type(kind: str, where: str = "data.source") -> type[SourceOptions]:
