@@ -26,7 +26,7 @@ from typing import Any
 import webdataset as wds
 
 from retrieval.data.skips import BadItem, SkippedItems, pass_on
-from retrieval.errors import ConfigError, DataError
+from retrieval.errors import ConfigError, DataError, one_line_reason
 from retrieval.registry import Registry
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -63,11 +63,6 @@ def check_unique_keys(records: Iterable[Record], skipped: SkippedItems | None = 
         yield record
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
     """A one-line error for a text file that is not UTF-8, naming its first line that is not."""
     for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):
@@ -75,7 +70,7 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
             line.decode("utf-8")
         except UnicodeDecodeError as bad:
             return DataError(f"{path}:{lineno}: not valid UTF-8 text (byte {bad.start + 1} of the line)")
-    return DataError(f"{path}: not valid UTF-8 text ({_one_line(exc)})")
+    return DataError(f"{path}: not valid UTF-8 text ({one_line_reason(exc)})")
 
 
 def _image_ext(path: Path, where: str) -> str:
@@ -93,7 +88,8 @@ def _read_image(path: Path, where: str) -> tuple[bytes, str]:
     except FileNotFoundError:
         raise BadItem(f"{where}: image file not found: {path}", "image file not found", where) from None
     except (OSError, ValueError) as exc:  # ValueError: a name with a NUL byte
-        raise BadItem(f"{where}: cannot read image {path}: {_one_line(exc)}", "image file unreadable", where) from None
+        message = f"{where}: cannot read image {path}: {one_line_reason(exc)}"
+        raise BadItem(message, "image file unreadable", where) from None
 
 
 def _captions(value: Any, where: str, name: str) -> tuple[str, ...]:
@@ -134,7 +130,7 @@ def _jsonl_records(path: Path, root: Path, skipped: SkippedItems | None = None) 
     try:
         lines = path.open("rb")
     except OSError as exc:
-        raise DataError(f"{path}: cannot open captions file: {_one_line(exc)}") from None
+        raise DataError(f"{path}: cannot open captions file: {one_line_reason(exc)}") from None
     with lines:
         for lineno, raw in enumerate(lines, start=1):
             try:
@@ -160,7 +156,7 @@ def _jsonl_record(raw: bytes, where: str, root: Path) -> Record | None:
     except json.JSONDecodeError as exc:
         raise BadItem(f"{where}: bad JSON line: {exc.msg} (column {exc.colno})", "bad JSON line", where) from None
     except (ValueError, RecursionError) as exc:  # e.g. an integer of more digits than Python converts
-        raise BadItem(f"{where}: bad JSON line: {_one_line(exc)}", "bad JSON line", where) from None
+        raise BadItem(f"{where}: bad JSON line: {one_line_reason(exc)}", "bad JSON line", where) from None
     if not isinstance(obj, dict):
         raise BadItem(f"{where}: expected a JSON object, got {type(obj).__name__}", "bad JSON line", where)
     image = obj.get("image")
@@ -201,7 +197,7 @@ def _csv_rows(reader: csv.DictReader, path: Path) -> Iterator[tuple[str, dict | 
             return
         except csv.Error as exc:
             where = f"{path}:{reader.line_num}"
-            yield where, BadItem(f"{where}: bad CSV row: {_one_line(exc)}", "bad CSV row", where)
+            yield where, BadItem(f"{where}: bad CSV row: {one_line_reason(exc)}", "bad CSV row", where)
             continue
         where = f"{path}:{reader.line_num}"
         if _not_utf8_field(list(row.values()) + list(row.get(None) or [])):
@@ -218,7 +214,7 @@ def _csv_records(path: Path, root: Path, skipped: SkippedItems | None = None) ->
             try:
                 fieldnames = reader.fieldnames or []
             except csv.Error as exc:
-                fieldnames, header_error = [], f"bad CSV header: {_one_line(exc)}"
+                fieldnames, header_error = [], f"bad CSV header: {one_line_reason(exc)}"
             else:
                 header_error = "not valid UTF-8 text" if _not_utf8_field(fieldnames) else ""
             missing = [c for c in ("image", "caption") if c not in fieldnames]
@@ -243,7 +239,7 @@ def _csv_records(path: Path, root: Path, skipped: SkippedItems | None = None) ->
                     groups[image] = (reader.line_num, [], meta)
                 groups[image][1].append(caption.strip())
     except OSError as exc:
-        raise DataError(f"{path}: cannot read CSV: {_one_line(exc)}") from None
+        raise DataError(f"{path}: cannot read CSV: {one_line_reason(exc)}") from None
     for image, (lineno, captions, meta) in groups.items():
         where = f"{path}:{lineno} ({image})"
         try:
@@ -257,7 +253,7 @@ def _load_json(path: Path) -> Any:
         with path.open(encoding="utf-8") as f:
             return json.load(f)
     except OSError as exc:
-        raise DataError(f"{path}: cannot open: {_one_line(exc)}") from None
+        raise DataError(f"{path}: cannot open: {one_line_reason(exc)}") from None
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from None
     except json.JSONDecodeError as exc:
@@ -348,7 +344,7 @@ def _img2dataset_entry(
         try:
             meta = json.loads(meta_json)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{where}.json: bad JSON: {_one_line(exc)}") from None
+            raise DataError(f"{where}.json: bad JSON: {one_line_reason(exc)}") from None
         if not isinstance(meta, dict):
             raise DataError(f"{where}.json: expected a JSON object")
         if meta.get("status", "success") != "success":
