@@ -4,12 +4,14 @@ A checkpoint is a ``torch.save`` zip of a dict that holds only tensors and JSON-
 int, float, bool, None, lists and str-keyed dicts of them): the config as a dict, the encoder and
 loss weights, the caption encoder's settings, fingerprints, the epoch and the metrics. It is read
 with ``torch.load(weights_only=True)``, so loading one never runs code. A checkpoint holding other
-pickled Python objects (written by other code) is refused unless the environment variable
-``RETRIEVAL_TRUST_PICKLED_CHECKPOINTS=1`` says that its source is trusted.
+pickled Python objects is refused. Older checkpoints held numpy scalars and arrays: the environment
+variable ``RETRIEVAL_TRUST_PICKLED_CHECKPOINTS=1`` admits exactly those, still through
+``weights_only=True`` (torch's allowlist of globals), so even a trusted file never runs other code.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import zipfile
@@ -78,6 +80,24 @@ def pickled_globals(file: Path) -> list[str]:
         return []
 
 
+def numpy_data_globals(names: list[str]) -> list[Any] | None:
+    """The numpy objects that rebuild numpy scalars, arrays and dtypes, for the ``names`` a checkpoint pickles;
+    None when any name is something else (which could run code when called)."""
+    found = []
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        if not (module == "numpy" or module.startswith("numpy.")):
+            return None
+        if attribute not in ("scalar", "_reconstruct", "ndarray", "dtype") and not attribute.endswith("DType"):
+            return None
+        try:
+            found.append(getattr(importlib.import_module(module), attribute))
+        except (ImportError, AttributeError):
+            return None
+    # unpickling a numpy dtype builds its class (numpy.dtypes.Float64DType, ...), which torch does not list
+    return found + [cls for name, cls in vars(np.dtypes).items() if name.endswith("DType")]
+
+
 def read_checkpoint_state(file: Path, device: str = "cpu") -> dict:
     """The dict a checkpoint holds, read without running code; a damaged or foreign file is a one-line
     ``DataError`` naming it. Pickled Python objects are loaded only when :func:`pickled_checkpoints_trusted`."""
@@ -90,13 +110,18 @@ def read_checkpoint_state(file: Path, device: str = "cpu") -> dict:
         objects = pickled_globals(file)
         if not objects:
             raise DataError(f"{not_a_checkpoint} (damaged)") from None
+        numpy_data = numpy_data_globals(objects)
         if not pickled_checkpoints_trusted():
             raise DataError(f"checkpoint {file} holds pickled Python objects ({', '.join(objects[:3])}) that loading "
                             f"could run as code; only if you trust its source, set {TRUST_PICKLED_CHECKPOINTS}=1 "
-                            "to load it") from None
+                            "to load its numpy values") from None
+        if numpy_data is None:
+            raise DataError(f"checkpoint {file} holds pickled Python objects other than numpy values "
+                            f"({', '.join(objects[:3])}); they are never loaded, even when trusted") from None
         try:
-            state = torch.load(file, map_location=device, weights_only=False)
-        except Exception as error:  # unpickling arbitrary objects can raise anything
+            with torch.serialization.safe_globals(numpy_data):
+                state = torch.load(file, map_location=device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
             raise DataError(f"{not_a_checkpoint} ({type(error).__name__})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise DataError(f"{not_a_checkpoint} ({type(error).__name__}: damaged or not a torch file)") from None

@@ -108,6 +108,14 @@ def test_crafted_pickle_checkpoint_runs_nothing_and_says_how_to_opt_in(hostile_r
     assert not marker.exists(), message
 
 
+def test_trusting_pickled_checkpoints_admits_numpy_values_only(hostile_run, monkeypatch):
+    run, marker = hostile_run
+    monkeypatch.setenv(TRUST_PICKLED_CHECKPOINTS, "1")  # even trusted, a checkpoint is read with weights_only=True
+    message = one_line_error(lambda: load_checkpoint(run.checkpoint()), str(run.checkpoint()), "posix.system",
+                             "never loaded")
+    assert not marker.exists(), message
+
+
 def test_raw_pickle_of_72_bytes_runs_nothing(tmp_path, monkeypatch):
     marker, file = tmp_path / "MARKER", tmp_path / "best.pt"
     file.write_bytes(pickle.dumps(RunsShellCommand(marker)))
