@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.embed import EncodedCollection
 from retrieval.errors import ConfigError, DataError
 
 
@@ -82,11 +81,3 @@ def conse_embeddings(features: torch.Tensor, classifier: nn.Module, caption_enco
     if not out:
         return np.zeros((0, caption_encoder.dim), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32)
-
-
-def conse_collection(features: EncodedCollection, classifier: nn.Module, caption_encoder: Any,
-                     top_t: int = 10, class_names: Sequence[str] | None = None) -> EncodedCollection:
-    """A collection of backbone features as a collection of ConSE vectors (same keys, captions, meta)."""
-    vectors = conse_embeddings(features.vectors, classifier, caption_encoder, top_t, class_names)
-    return EncodedCollection(torch.from_numpy(vectors), list(features.keys), list(features.captions),
-                             list(features.meta))

@@ -8,8 +8,7 @@ import torch
 from gensim.models import KeyedVectors
 from torch import nn
 
-from retrieval.conse import conse_collection, conse_embeddings, imagenet_class_names
-from retrieval.embed import EncodedCollection
+from retrieval.conse import conse_embeddings, imagenet_class_names
 from retrieval.errors import ConfigError, DataError
 from retrieval.text import CaptionEncoder
 
@@ -91,9 +90,3 @@ def test_imagenet_names_offline() -> None:
     names = imagenet_class_names()
     assert len(names) == 1000 and names[0] == "tench" and names[963] == "pizza" and names[404] == "airliner"
 
-
-def test_collection_keeps_keys_captions_and_meta(encoder: CaptionEncoder) -> None:
-    features = EncodedCollection(torch.eye(4)[:2], ["a", "b"], [["x"], ["y"]], [{"k": 1}, {}])
-    collection = conse_collection(features, identity_head(), encoder, top_t=1, class_names=NAMES)
-    assert collection.keys == ["a", "b"] and collection.meta == [{"k": 1}, {}]
-    np.testing.assert_allclose(collection.vectors.numpy(), [[1, 0, 0], [0, 1, 0]])
