@@ -89,4 +89,3 @@ def test_errors(encoder: CaptionEncoder) -> None:
 def test_imagenet_names_offline() -> None:
     names = imagenet_class_names()
     assert len(names) == 1000 and names[0] == "tench" and names[963] == "pizza" and names[404] == "airliner"
-
