@@ -1,4 +1,8 @@
-"""``retrieval train``: train an image encoder against frozen caption vectors; writes a run directory."""
+"""``retrieval train``: train an image encoder against frozen caption vectors; writes a run directory.
+
+Under ``torchrun --nproc_per_node N -m pipelines.cli train ...`` the same job trains with
+DistributedDataParallel over N processes; rank 0 alone prints and writes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 
 from pipelines.common import add_config_args, config_from_args
 from retrieval.console import format_metrics_table
+from retrieval.distributed import leave_process_group
 from retrieval.train import TrainResult, fit
 
 
@@ -26,8 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in train.run_dir (its config, metrics, checkpoints, "
                              "vectors, reports and indexes); without it such a folder is refused")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in train.run_dir from its last training state (same config; under "
+                             "torchrun, the same number of processes)")
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    result = fit(config, overwrite=args.overwrite)
-    print(summarize(result, config.train.ks))
+    try:
+        result = fit(config, overwrite=args.overwrite, resume=args.resume)
+    finally:
+        leave_process_group()
+    if result.initial_metrics:  # rank 0 (the only one that evaluates) reports
+        print(summarize(result, config.train.ks))
     return 0

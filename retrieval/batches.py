@@ -22,6 +22,7 @@ from retrieval.config import Config
 from retrieval.data import make_loader, make_train_pipeline, read_shard_records
 from retrieval.data.pipeline import error_handler
 from retrieval.data.skips import SkippedItems
+from retrieval.distributed import SINGLE_PROCESS, Distributed
 from retrieval.embed import (
     EncodedCollection,
     caption_pairs,
@@ -61,8 +62,22 @@ class BatchSource(ABC):
     train_set: EncodedCollection  # keys, captions and metadata of the training images (and features, when cached)
 
     @abstractmethod
-    def batches(self, epoch: int, targets: CaptionTargets) -> Iterable[Batch]:
-        """One epoch of ``(inputs, caption vectors, labels)``; ``epoch`` counts from 1."""
+    def batches(self, epoch: int, targets: CaptionTargets, start_batch: int = 0) -> Iterable[Batch]:
+        """One epoch of ``(inputs, caption vectors, labels)``; ``epoch`` counts from 1.
+
+        ``start_batch`` resumes an epoch: the batches from that one on, exactly as an uninterrupted epoch.
+        """
+
+    @abstractmethod
+    def steps_per_epoch(self, targets: CaptionTargets) -> int:
+        """Batches per epoch on each rank."""
+
+    def random_state(self) -> torch.Tensor | None:
+        """State of the source's own generator at an epoch's start, for resume (None: it has none)."""
+        return None
+
+    def set_random_state(self, state: torch.Tensor) -> None:  # noqa: B027 - sources without a generator keep none
+        """Restore :meth:`random_state` before replaying an epoch."""
 
     @abstractmethod
     def embed(self, encoder: ImageEncoder, inputs: torch.Tensor) -> torch.Tensor:
@@ -82,8 +97,9 @@ class CachedFeatureBatches(BatchSource):
     """Pooled features of a frozen backbone, computed once per split (or read from the feature cache)."""
 
     def __init__(self, config: Config, backbone: Backbone, train_shards: list[str], val_shards: list[str],
-                 device: str, progress: bool = True, skipped: SkippedItems | None = None) -> None:
-        self.config, self.device = config, device
+                 device: str, progress: bool = True, skipped: SkippedItems | None = None,
+                 place: Distributed = SINGLE_PROCESS) -> None:
+        self.config, self.device, self.place = config, device, place
         handler = error_handler(skipped)
         self.generator = torch.Generator().manual_seed(config.train.seed)
         features = backbone.module.to(device).eval()
@@ -93,20 +109,41 @@ class CachedFeatureBatches(BatchSource):
                            device=device, progress=progress, handler=handler)
             for split, shards in (("train", train_shards), ("val", val_shards)))
 
-    def batches(self, epoch: int, targets: CaptionTargets) -> Iterator[Batch]:
-        """(features, caption vectors, labels) over a shuffled epoch of image–caption pairs."""
+    def _epoch_pairs(self, targets: CaptionTargets) -> torch.Tensor:
+        """This epoch's image–caption pairs (caption rows), shuffled; draws from the source's generator."""
         if self.config.train.captions_per_image == "all":
             pairs = torch.arange(len(targets.owner))
         else:  # one random known caption per image
             order = torch.randperm(len(targets.owner), generator=self.generator)
             _, first = np.unique(targets.owner[order].numpy(), return_index=True)
             pairs = order[torch.from_numpy(first)]
-        pairs = pairs[torch.randperm(len(pairs), generator=self.generator)]
-        batch_size = self.config.train.batch_size
-        for start in range(0, len(pairs), batch_size):
-            chosen = pairs[start:start + batch_size]
+        return pairs[torch.randperm(len(pairs), generator=self.generator)]
+
+    def steps_per_epoch(self, targets: CaptionTargets) -> int:
+        """Batches per epoch (the same on every rank): global batches of ``world size × train.batch_size``."""
+        pairs = len(targets.owner) if self.config.train.captions_per_image == "all" else len(targets.labels)
+        return -(-pairs // (self.place.world_size * self.config.train.batch_size))
+
+    def batches(self, epoch: int, targets: CaptionTargets, start_batch: int = 0) -> Iterator[Batch]:
+        """(features, caption vectors, labels) over a shuffled epoch of image–caption pairs.
+
+        Under N ranks each global batch of ``N × train.batch_size`` pairs is cut into N parts in rank
+        order, so the ranks together see exactly the batches of one process with the global batch size.
+        ``start_batch`` skips the first batches (resume mid-epoch); the shuffle is drawn all the same.
+        """
+        pairs = self._epoch_pairs(targets)
+        global_batch = self.place.world_size * self.config.train.batch_size
+        for start in range(start_batch * global_batch, len(pairs), global_batch):
+            chosen = torch.tensor_split(pairs[start:start + global_batch], self.place.world_size)[self.place.rank]
             images = targets.owner[chosen]
             yield self.train_set.vectors[images], targets.vectors[chosen], targets.labels[images]
+
+    def random_state(self) -> torch.Tensor:
+        """The state of the generator that shuffles each epoch (saved at an epoch's start for resume)."""
+        return self.generator.get_state()
+
+    def set_random_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
     def embed(self, encoder: ImageEncoder, inputs: torch.Tensor) -> torch.Tensor:
         return encoder.embed_features(inputs)
@@ -134,7 +171,10 @@ class StreamedImageBatches(BatchSource):
         self.train_set = EncodedCollection(torch.zeros(len(records), 0), [r["key"] for r in records],
                                            [r["captions"] for r in records], [r.get("meta", {}) for r in records])
 
-    def batches(self, epoch: int, targets: CaptionTargets) -> Iterable[Batch]:
+    def steps_per_epoch(self, targets: CaptionTargets) -> int:
+        return -(-len(self.train_set.keys) // self.config.train.batch_size)
+
+    def batches(self, epoch: int, targets: CaptionTargets, start_batch: int = 0) -> Iterable[Batch]:
         """(images, caption vectors, labels) streamed from the shards with augmentation."""
         # streamed epochs are long enough to deserve their own bar (around the batches: a bar around
         # the loader would start one of its epochs just to look for a length)
@@ -165,11 +205,12 @@ class StreamedImageBatches(BatchSource):
 
 
 def batch_source(config: Config, backbone: Backbone, train_shards: list[str], val_shards: list[str], device: str,
-                 progress: bool = True, skipped: SkippedItems | None = None) -> BatchSource:
+                 progress: bool = True, skipped: SkippedItems | None = None,
+                 place: Distributed = SINGLE_PROCESS) -> BatchSource:
     """Cached features for a frozen backbone with ``train.cache_features``, else streamed images.
 
     ``skipped`` (the ``data.on_error: skip`` policy) collects the bad samples and shards passed over; None raises.
     """
-    cached = config.model.freeze_backbone and config.train.cache_features
-    source = CachedFeatureBatches if cached else StreamedImageBatches
-    return source(config, backbone, train_shards, val_shards, device, progress, skipped)
+    if config.model.freeze_backbone and config.train.cache_features:
+        return CachedFeatureBatches(config, backbone, train_shards, val_shards, device, progress, skipped, place)
+    return StreamedImageBatches(config, backbone, train_shards, val_shards, device, progress, skipped)

@@ -26,10 +26,12 @@ from retrieval.text.sentence import SENTENCE_KIND
 
 
 def save_checkpoint(path: str | Path, *, config: Config, encoder: ImageEncoder, loss: CrossModalLoss,
-                    caption_encoder: TextEncoder, epoch: int, metrics: dict, num_classes: int | None = None) -> None:
+                    caption_encoder: TextEncoder, epoch: int, metrics: dict, num_classes: int | None = None,
+                    training: dict | None = None) -> None:
     """Write a checkpoint atomically (temp file + rename); every value is a tensor or JSON-like (see checkpoint_io).
 
-    The text side is saved as its state and fingerprint."""
+    The text side is saved as its state and fingerprint. ``training`` (optimizer, schedule, RNG states,
+    position) makes it a training state that ``retrieval train --resume`` continues from."""
     state = {
         "config": plain_value(config_to_dict(config), "config"),
         "encoder": tensor_state(encoder.state_dict(), "encoder"),
@@ -40,8 +42,21 @@ def save_checkpoint(path: str | Path, *, config: Config, encoder: ImageEncoder, 
         "epoch": plain_value(epoch, "epoch"),
         "metrics": plain_value(metrics, "metrics"),
     }
+    if training is not None:
+        state["training"] = plain_value(training, "training")
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def read_training_state(path: str | Path, device: str = "cpu") -> dict:
+    """A training state written by :func:`save_checkpoint` with ``training`` (read without running code)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"training state {file} does not exist")
+    state = read_checkpoint_state(file, device)
+    if not isinstance(state.get("training"), dict):
+        raise DataError(f"checkpoint {file} holds no training state (optimizer, RNG states, position)")
+    return state
 
 
 def file_fingerprint(path: str | Path) -> str:

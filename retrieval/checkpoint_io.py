@@ -1,7 +1,7 @@
 """The on-disk form of a checkpoint: one dict of tensors and plain values, read without running code.
 
 A checkpoint is a ``torch.save`` zip of a dict that holds only tensors and JSON-like values (str,
-int, float, bool, None, lists and str-keyed dicts of them): the config as a dict, the encoder and
+int, float, bool, None, lists and dicts of them keyed by str or int): the config as a dict, the encoder and
 loss weights, the caption encoder's settings, fingerprints, the epoch and the metrics. It is read
 with ``torch.load(weights_only=True)``, so loading one never runs code. A checkpoint holding other
 pickled Python objects is refused. Older checkpoints held numpy scalars and arrays: the environment
@@ -29,7 +29,7 @@ CHECKPOINT_FIELDS = ("config", "encoder", "loss", "caption_encoder", "vectors_fi
 
 def plain_value(value: Any, field: str) -> Any:
     """``value`` as what ``torch.load(weights_only=True)`` reads back: tensors, str, int, float, bool, None and
-    lists and str-keyed dicts of them. numpy arrays become tensors, numpy scalars Python numbers, tuples lists
+    lists and dicts of them keyed by str or int. numpy arrays become tensors, numpy scalars Python numbers, tuples lists
     and paths strings; anything else is a ``TypeError`` naming ``field``."""
     if value is None:
         return value
@@ -46,9 +46,9 @@ def plain_value(value: Any, field: str) -> Any:
         return os.fspath(value)
     if isinstance(value, (list, tuple)):
         return [plain_value(item, f"{field}[{i}]") for i, item in enumerate(value)]
-    if isinstance(value, dict):
-        if not all(isinstance(key, str) for key in value):
-            raise TypeError(f"checkpoint field {field} has a key that is not a string")
+    if isinstance(value, dict):  # int keys too: an optimizer's state is keyed by parameter number
+        if not all(isinstance(key, (str, int)) and not isinstance(key, bool) for key in value):
+            raise TypeError(f"checkpoint field {field} has a key that is neither a string nor an integer")
         return {key: plain_value(item, f"{field}.{key}") for key, item in value.items()}
     raise TypeError(f"checkpoint field {field} holds a {type(value).__name__}; a checkpoint stores only tensors "
                     "and str, int, float, bool, None, lists and dicts of them")

@@ -157,6 +157,9 @@ class TrainConfig:
     eval_every: int = ranged(5, ge=1)
     ks: tuple[int, ...] = ranged((1, 5, 10), ge=1)
     shuffle_buffer: int = ranged(1000, ge=0)
+    checkpoint_every: int = ranged(1000, ge=0)  # optimizer steps between training states (0: epoch ends only)
+    grad_accumulation: int = ranged(1, ge=1)
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)

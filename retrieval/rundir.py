@@ -5,6 +5,7 @@ A run folder (``train.run_dir``)::
     config.yaml               the resolved config the run was trained with
     metrics.csv               one row per epoch
     checkpoints/<name>.pt     best.pt (best held-out score) and last.pt
+    training-state.pt         everything to resume training exactly (``retrieval train --resume``)
     word2vec-captions.kv      word vectors trained on the captions (``text.vectors: word2vec-captions``)
     report/evaluate.json      the report of ``retrieval evaluate``
     compare_run.json          a compare run's record (reused while its config is unchanged)
@@ -42,6 +43,7 @@ INDEX_FILE, METADATA_FILE, STAMP_FILE = "index.faiss", "metadata.jsonl", "stamp.
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best.pt", "last.pt"
 CHECKPOINT_SUFFIX = ".pt"
 CHECKPOINTS_DIR = "checkpoints"
+TRAINING_STATE_FILE = "training-state.pt"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 CAPTION_WORD2VEC_FILE = "word2vec-captions.kv"
@@ -168,6 +170,11 @@ class RunDir(_Folder):
         return sorted(path.name for path in self.checkpoints.glob(f"*{CHECKPOINT_SUFFIX}"))
 
     @property
+    def training_state(self) -> Path:
+        """The last training state (model, optimizer, schedule, RNGs, position): what ``--resume`` continues."""
+        return self.path / TRAINING_STATE_FILE
+
+    @property
     def caption_word2vec(self) -> Path:
         """Word vectors trained on the run's captions (``text.vectors: word2vec-captions``)."""
         return self.path / CAPTION_WORD2VEC_FILE
@@ -193,14 +200,15 @@ class RunDir(_Folder):
 
     def holds_run(self) -> bool:
         """Whether a run was started or finished here: its config or a checkpoint is present."""
-        return self.config_file.is_file() or bool(self.checkpoint_names())
+        return self.config_file.is_file() or bool(self.checkpoint_names()) or self.training_state.is_file()
 
     def run_files(self) -> list[Path]:
         """The artefacts of a run present in the folder (config, metrics, checkpoints, vectors, reports, indexes).
 
         Anything else in the folder (shards, the user's own files) is not part of the run.
         """
-        named = [self.config_file, self.metrics_file, self.checkpoints, self.caption_word2vec, self.report,
+        named = [self.config_file, self.metrics_file, self.checkpoints, self.training_state, self.caption_word2vec,
+                 self.report,
                  self.compare_record, self.index.path]
         found = [path for path in named if path.exists()]
         return found + [index.path for index in self.indexes() if index.path not in found]

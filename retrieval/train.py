@@ -2,51 +2,54 @@
 
 Where the batches come from (cached backbone features or images streamed from the shards) is a
 :mod:`retrieval.batches` source chosen once per run; the loop itself is the same for both.
+
+Under ``torchrun`` the same loop runs in every process with DistributedDataParallel
+(:mod:`retrieval.distributed`): each rank trains on its part of every global batch, the loss sees
+the embeddings and captions of all ranks, and rank 0 alone evaluates, logs and writes files.
+A training state (model, optimizer, schedule, gradient scaler, every RNG state, epoch and step) is
+written every ``train.checkpoint_every`` optimizer steps and at each epoch's end; ``resume=True``
+continues a stopped run from it, exactly as if it had not stopped.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from retrieval.batches import batch_source, caption_targets
-from retrieval.checkpoint import save_checkpoint
-from retrieval.config import Config, check_ranges, save_config
+from retrieval.batches import BatchSource, batch_source, caption_targets
+from retrieval.checkpoint import check_vectors, read_training_state, save_checkpoint, upgrade_saved_config
+from retrieval.config import Config, check_ranges, config_to_dict, save_config
 from retrieval.data import list_shards
 from retrieval.data.skips import SkippedItems, skipped_summary
+from retrieval.distributed import Distributed, join_process_group
 from retrieval.embed import EncodedCollection
 from retrieval.errors import ConfigError, DataError
 from retrieval.evaluation import CaptionQueries, caption_queries, class_count, cross_modal_report
-from retrieval.io import atomic_path
-from retrieval.losses import LOSSES, build_loss
+from retrieval.losses import LOSSES, CrossModalLoss, LossOutput, build_loss
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
+from retrieval.optimization import OptimizationStep
+from retrieval.progress import write_line
 from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDir
 from retrieval.runtime import resolve_device, seed_everything, torch_threads
 from retrieval.targets import build_caption_encoder
+from retrieval.training_log import EpochStats, TrainingLog
 
-
-@dataclass
-class EpochStats:
-    """What one epoch did: the loss signals, and held-out retrieval when it was evaluated."""
-
-    epoch: int
-    loss: float
-    active_fraction: float
-    mean_pos_distance: float
-    mean_neg_distance: float
-    seconds: float
-    metrics: dict = field(default_factory=dict)
+# settings that may differ when a run is resumed: where it runs, not what it computes
+RESUMABLE_CHANGES = ("train.device", "train.feature_cache_dir", "train.tensorboard")
 
 
 @dataclass
 class TrainResult:
-    """Where the run lives and how it went."""
+    """Where the run lives and how it went (on rank 0; other ranks get empty metrics)."""
 
     run_dir: Path
     history: list[EpochStats]
@@ -56,6 +59,35 @@ class TrainResult:
     best_checkpoint: Path
     last_checkpoint: Path
     seconds: float
+
+
+@dataclass
+class Position:
+    """Where training stands: the next epoch to run, batches of it already done, optimizer steps so far."""
+
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
+
+
+@dataclass
+class EpochProgress:
+    """Running sums of an epoch's loss signals (kept in the training state, so a resumed epoch averages all of it)."""
+
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    batches: int = 0
+    seconds: float = 0.0
+
+    def add(self, result: LossOutput) -> float:
+        """Count one batch; returns its loss value (a device sync)."""
+        loss = float(result.value.detach())
+        values = (loss, result.active_fraction, result.mean_pos_distance, result.mean_neg_distance)
+        self.sums = [total + value for total, value in zip(self.sums, values)]
+        self.batches += 1
+        return loss
+
+    def stats(self, epoch: int) -> EpochStats:
+        return EpochStats(epoch, *[total / self.batches for total in self.sums], seconds=self.seconds)
 
 
 def check_names(config: Config) -> None:
@@ -73,36 +105,108 @@ def refuse_existing_run(run_dir: RunDir, overwrite: bool = False) -> None:
     """A folder that already holds a run is refused (one line naming the choices), unless ``overwrite``."""
     if run_dir.holds_run() and not overwrite:
         found = ", ".join(str(path.relative_to(run_dir.path)) for path in run_dir.run_files()[:3])
-        raise ConfigError(f"train.run_dir {run_dir} already holds a run ({found}); "
-                          "set a new train.run_dir, or pass --overwrite to replace it")
+        raise ConfigError(f"train.run_dir {run_dir} already holds a run ({found}); pass --resume to continue it "
+                          "from its last checkpoint, set a new train.run_dir, or pass --overwrite to replace it")
+
+
+def config_changes(saved: dict, config: Config) -> list[str]:
+    """The ``section.field`` names whose values differ between a saved config (as a dict) and ``config``."""
+    current = config_to_dict(config)
+    return [f"{section}.{name}" for section in sorted(set(saved) | set(current))
+            for name in sorted(set(saved.get(section) or {}) | set(current.get(section) or {}))
+            if (saved.get(section) or {}).get(name) != (current.get(section) or {}).get(name)]
+
+
+def read_resume_state(run_dir: RunDir, config: Config, device: str) -> dict:
+    """The training state to resume from; refused in one line when there is none or the config changed."""
+    if not run_dir.training_state.is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no training state ({run_dir.training_state.name}) to continue; "
+                          "train without --resume")
+    state = read_training_state(run_dir.training_state, device)
+    changed = [name for name in config_changes(upgrade_saved_config(state["config"]), config)
+               if name not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the run's in {', '.join(changed[:5])}; resume with "
+                          f"the run's own config ({run_dir.config_file}) or start a new train.run_dir")
+    if state["training"]["complete"]:
+        raise ConfigError(f"--resume: the run in {run_dir} already finished all {config.train.epochs} epochs")
+    return state
+
+
+class GlobalBatchLoss(nn.Module):
+    """Encoder forward, then the loss over the global batch: what DistributedDataParallel wraps.
+
+    Outputs, caption vectors and labels of all ranks are gathered (the local outputs keep their
+    gradient), so negatives and in-batch miners choose among every rank's captions.
+    """
+
+    def __init__(self, encoder: ImageEncoder, loss: CrossModalLoss, source: BatchSource, place: Distributed) -> None:
+        super().__init__()
+        self.encoder, self.loss = encoder, loss
+        self.source, self.place = source, place
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        outputs = self.source.embed(self.encoder, inputs)
+        return self.loss(self.place.gather(outputs), self.place.gather(targets), self.place.gather(labels))
+
+
+def _numpy_state() -> dict:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_state(state: dict) -> None:
+    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["position"],
+                         state["has_gauss"], state["cached_gaussian"]))
 
 
 class Trainer:
     """Holds the state of one run; :func:`fit` is the entry point."""
 
-    def __init__(self, config: Config, progress: bool = True, overwrite: bool = False) -> None:
+    def __init__(self, config: Config, progress: bool = True, overwrite: bool = False, resume: bool = False) -> None:
         check_ranges(config)
         check_names(config)
+        if overwrite and resume:
+            raise ConfigError("--resume continues the run in train.run_dir and --overwrite replaces it; pass one")
         self.config = config
-        self.progress = progress
-        self.device = resolve_device(config.train.device)
+        self.place, self.device = join_process_group(resolve_device(config.train.device))
+        self.progress = progress and self.place.is_main
         self.run_dir = RunDir(config.train.run_dir)
-        refuse_existing_run(self.run_dir, overwrite)
+        self.saved_state = read_resume_state(self.run_dir, config, self.device) if resume else None
+        if not resume:
+            refuse_existing_run(self.run_dir, overwrite)
+        self.place.barrier()  # every rank has looked at the folder before rank 0 changes it
         train_shards = list_shards(config.data.shard_dir, "train")
         val_shards = list_shards(config.data.shard_dir, "val")
         self.backbone = create_backbone(config.model.backbone, config.model.weights)
         self.skipped = SkippedItems(warn=True) if config.data.on_error == "skip" else None
-        self.source = batch_source(config, self.backbone, train_shards, val_shards, self.device, progress,
-                                   self.skipped)
+        # features cached on disk are written once, by rank 0, and read by the others
+        with self.place.main_first() if config.train.feature_cache_dir else contextlib.nullcontext():
+            self.source = batch_source(config, self.backbone, train_shards, val_shards, self.device, self.progress,
+                                       self.skipped, self.place)
         if not self.source.train_set.keys:
             raise DataError(f"no training images in {config.data.shard_dir}")
-        if overwrite:
+        if overwrite and self.place.is_main:
             # the data has been read: the old run goes now (only its own files), before the text side
             # could reuse its word2vec-captions vectors
             self.run_dir.clear()
         self._val_captions: CaptionQueries | None = None
-        self._build_text_side()
+        with self.place.main_first():  # word2vec-captions trains and saves its vectors on rank 0 first
+            self._build_text_side()
         self._build_model()
+        self.steps_per_epoch = self.source.steps_per_epoch(self.targets)
+        total_steps = -(-self.steps_per_epoch * config.train.epochs // config.train.grad_accumulation)
+        self.optimization = OptimizationStep(config.train, self.encoder, self.loss, self.device, total_steps)
+        if self.saved_state is not None:
+            self._restore_model(self.saved_state)
+        self.encoder = self.optimization.prepare_model(self.encoder)
+        self.training_loss: nn.Module = GlobalBatchLoss(self.encoder, self.loss, self.source, self.place)
+        if self.place.active and any(p.requires_grad for p in self.training_loss.parameters()):
+            self.training_loss = DistributedDataParallel(self.training_loss)
+        resume_step = self.saved_state["training"]["position"]["step"] if self.saved_state else None
+        self.log = TrainingLog(self.run_dir, enabled=self.place.is_main, progress=self.progress,
+                               tensorboard=config.train.tensorboard, resume_step=resume_step)
 
     # -- setup -------------------------------------------------------------------------------
     def _build_text_side(self) -> None:
@@ -110,7 +214,8 @@ class Trainer:
         train_captions = [c for captions in train_set.captions for c in captions]
         self.caption_encoder = build_caption_encoder(self.config.text, self.run_dir, train_captions)
         self.targets, stats = caption_targets(train_set, self.caption_encoder.encode_batch)
-        tqdm.write(f"train captions: {stats.summary()}")
+        if self.place.is_main:
+            write_line(f"train captions: {stats.summary()}")
         self.num_classes = class_count(train_set.meta)
 
     def _build_model(self) -> None:
@@ -120,29 +225,101 @@ class Trainer:
         self.loss = build_loss(self.config.loss, seed=self.config.train.seed, num_classes=self.num_classes,
                                embedding_dim=self.caption_encoder.dim).to(self.device)
         self.loss.prepare(self.targets.vectors.to(self.device))
-        parameters = [p for p in list(self.encoder.parameters()) + list(self.loss.parameters()) if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(parameters, lr=self.config.train.lr,
-                                           weight_decay=self.config.train.weight_decay)
+
+    def _restore_model(self, state: dict) -> None:
+        """Weights and optimizer of a saved training state (RNG states and position come in :meth:`_run`)."""
+        check_vectors(self.caption_encoder, state["vectors_fingerprint"], self.config.text, self.run_dir)
+        self.encoder.load_state_dict(state["encoder"])
+        self.loss.load_state_dict(state["loss"])
+        self.optimization.load_state_dict(state["training"]["optimization"])
+
+    # -- random state, for exact resume ------------------------------------------------------
+    def _random_state(self) -> dict:
+        """Every generator this rank draws from: torch (CPU and CUDA), numpy, python, the loss's and the source's."""
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": _numpy_state(),
+                                 "python": [list(item) if isinstance(item, tuple) else item
+                                            for item in random.getstate()]}
+        if torch.device(self.device).type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(torch.device(self.device))
+        if self.loss.generator is not None:
+            state["loss"] = self.loss.generator.get_state()
+        source_state = self.source.random_state()
+        if source_state is not None:
+            state["source"] = source_state
+        return state
+
+    def _set_random_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        _set_numpy_state(state["numpy"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], torch.device(self.device))
+        if "loss" in state:
+            self.loss.generator.set_state(state["loss"])
+        if "source" in state:
+            self.source.set_random_state(state["source"])
+
+    def _epoch_start_state(self) -> dict:
+        """The generators an epoch's start draws from (loss bank refresh, source shuffle), to replay it on resume."""
+        state = {}
+        if self.loss.generator is not None:
+            state["loss"] = self.loss.generator.get_state()
+        source_state = self.source.random_state()
+        if source_state is not None:
+            state["source"] = source_state
+        return state
 
     # -- one epoch, evaluation, checkpoints --------------------------------------------------
-    def train_epoch(self, epoch: int) -> EpochStats:
-        self.encoder.train()
+    def _start_epoch(self, epoch: int, replay: dict | None) -> dict:
+        """Run the epoch-start hooks; ``replay`` (resuming mid-epoch) first rewinds the generators they draw from.
+
+        Returns the epoch-start state to save with step checkpoints."""
+        if replay is None:
+            start_state = self._epoch_start_state()
+            self.loss.on_epoch_start(epoch)
+            return start_state
+        now = self._epoch_start_state()
+        if "loss" in replay:
+            self.loss.generator.set_state(replay["loss"])
+        if "source" in replay:
+            self.source.set_random_state(replay["source"])  # the epoch's shuffle is drawn again from here
         self.loss.on_epoch_start(epoch)
-        start, totals, count = time.perf_counter(), np.zeros(4), 0
-        for inputs, targets, labels in self.source.batches(epoch, self.targets):
-            inputs, targets, labels = inputs.to(self.device), targets.to(self.device), labels.to(self.device)
-            outputs = self.source.embed(self.encoder, inputs)
-            result = self.loss(outputs, targets, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            result.value.backward()
-            self.optimizer.step()
-            totals += [float(result.value.detach()), result.active_fraction, result.mean_pos_distance,
-                       result.mean_neg_distance]
-            count += 1
-        if count == 0:
+        if "loss" in now:
+            self.loss.generator.set_state(now["loss"])
+        return replay
+
+    def train_epoch(self, epoch: int, position: Position, progress: EpochProgress, replay: dict | None = None
+                    ) -> EpochStats:
+        """Train one epoch (from ``position.batch`` on); step checkpoints as configured."""
+        self.training_loss.train()
+        epoch_start = self._start_epoch(epoch, replay)
+        started = time.perf_counter() - progress.seconds
+        checkpoint_every = self.config.train.checkpoint_every
+        self.log.start_epoch(epoch, self.steps_per_epoch)
+        batches = self.source.batches(epoch, self.targets, start_batch=position.batch)
+        for inputs, targets, labels in batches:
+            inputs = self.optimization.prepare_inputs(inputs.to(self.device, non_blocking=True))
+            targets, labels = targets.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            accumulate = isinstance(self.training_loss, DistributedDataParallel) and not self.optimization.will_step
+            with self.training_loss.no_sync() if accumulate else contextlib.nullcontext():
+                with self.optimization.autocast():
+                    result = self.training_loss(inputs, targets, labels)
+                self.optimization.backward(result.value)
+            stepped = self.optimization.step()
+            loss = progress.add(result)
+            position.batch += 1
+            if stepped:
+                position.step += 1
+                self.log.log_step(position.step, epoch, loss, self.optimization.lr,
+                                  images=len(inputs) * self.place.world_size)
+                if checkpoint_every and position.step % checkpoint_every == 0 and position.batch < self.steps_per_epoch:
+                    progress.seconds = time.perf_counter() - started
+                    self.save_training_state(position, progress, epoch_start)
+        if progress.batches == 0:
             raise DataError(f"epoch {epoch} saw no training batch; check {self.config.data.shard_dir}")
-        mean = totals / count
-        return EpochStats(epoch, *mean.tolist(), seconds=time.perf_counter() - start)
+        progress.seconds = time.perf_counter() - started
+        return progress.stats(epoch)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -167,55 +344,88 @@ class Trainer:
                         epoch=epoch, metrics=metrics, num_classes=self.num_classes)
         return path
 
-    def write_history(self, history: list[EpochStats]) -> None:
-        """metrics.csv: one row per epoch (rewritten atomically each epoch)."""
-        metric_names = sorted({name for stats in history for name in stats.metrics})
-        columns = ["epoch", "loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "seconds"]
-        with atomic_path(self.run_dir.metrics_file) as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns + metric_names)
-            for stats in history:
-                writer.writerow([getattr(stats, c) for c in columns] + [stats.metrics.get(m, "") for m in metric_names])
+    def save_training_state(self, position: Position, progress: EpochProgress, epoch_start: dict,
+                            complete: bool = False) -> None:
+        """Write everything ``--resume`` needs (rank 0 writes; every rank contributes its RNG states)."""
+        random_states = self.place.gather_objects(self._random_state())
+        if not self.place.is_main:
+            return
+        training = {
+            "position": asdict(position), "epoch_progress": asdict(progress), "epoch_start": epoch_start,
+            "random_states": random_states, "optimization": self.optimization.state_dict(),
+            "history": [asdict(stats) for stats in self.history], "initial_metrics": self.initial_metrics,
+            "best_score": self.best_score, "best_metrics": self.best_metrics, "complete": complete,
+            "world_size": self.place.world_size,
+        }
+        save_checkpoint(self.run_dir.training_state, config=self.config, encoder=self.encoder, loss=self.loss,
+                        caption_encoder=self.caption_encoder, epoch=position.epoch - (position.batch == 0),
+                        metrics=self.history[-1].metrics if self.history else {}, num_classes=self.num_classes,
+                        training=training)
+
+    def _resume_from(self, training: dict) -> tuple[Position, EpochProgress, dict | None]:
+        """Restore history, scores and this rank's RNG states; returns where to continue."""
+        if training["world_size"] != self.place.world_size:
+            raise ConfigError(f"--resume: the run trained with {training['world_size']} process(es), this one has "
+                              f"{self.place.world_size}; resume with the same torchrun --nproc_per_node and --nnodes")
+        self.history = [EpochStats(**stats) for stats in training["history"]]
+        self.initial_metrics, self.best_metrics = training["initial_metrics"], training["best_metrics"]
+        self.best_score = training["best_score"]
+        self._set_random_state(training["random_states"][self.place.rank])
+        position, progress = Position(**training["position"]), EpochProgress(**training["epoch_progress"])
+        return position, progress, (training["epoch_start"] if position.batch else None)
 
     def run(self) -> TrainResult:
         with torch_threads(self.source.threads(self.device)):
-            return self._run()
+            try:
+                return self._run()
+            finally:
+                self.log.close()
 
     def _run(self) -> TrainResult:
         started = time.perf_counter()
-        self.run_dir.path.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir.config_file)
-        self.history: list[EpochStats] = []
-        initial = self.evaluate()
-        best_score, best_metrics = -1.0, initial
+        if self.place.is_main:
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir.config_file)
+        if self.saved_state is None:
+            self.history: list[EpochStats] = []
+            self.initial_metrics = self.evaluate() if self.place.is_main else {}
+            self.best_score, self.best_metrics = -1.0, self.initial_metrics
+            position, progress, replay = Position(), EpochProgress(), None
+        else:
+            position, progress, replay = self._resume_from(self.saved_state["training"])
+            write_line(f"resuming {self.run_dir} at epoch {position.epoch}, batch {position.batch} "
+                       f"(step {position.step})", enabled=self.place.is_main)
+        self.place.barrier()
         epochs = self.config.train.epochs
-        bar = tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not self.progress)
-        for epoch in bar:
-            stats = self.train_epoch(epoch)
-            if epoch % self.config.train.eval_every == 0 or epoch == epochs:
+        for epoch in range(position.epoch, epochs + 1):
+            stats = self.train_epoch(epoch, position, progress, replay)
+            replay = None
+            if self.place.is_main and (epoch % self.config.train.eval_every == 0 or epoch == epochs):
                 stats.metrics = self.evaluate()
-                if rsum(stats.metrics) > best_score:
-                    best_score, best_metrics = rsum(stats.metrics), stats.metrics
+                if rsum(stats.metrics) > self.best_score:
+                    self.best_score, self.best_metrics = rsum(stats.metrics), stats.metrics
                     self.save(BEST_CHECKPOINT, epoch, stats.metrics)
             self.history.append(stats)
-            self.write_history(self.history)
-            bar.set_postfix(loss=f"{stats.loss:.3f}", active=f"{stats.active_fraction:.2f}",
-                            **({"t2i_R@5": f"{stats.metrics.get('text_to_image/R@5', 0):.2f}"}
-                               if stats.metrics else {}))
-        last = self.save(LAST_CHECKPOINT, epochs, self.history[-1].metrics if self.history else initial)
-        if self.skipped is not None:
-            tqdm.write(f"data.on_error=skip: {skipped_summary(self.skipped.counts())}")
-        return TrainResult(self.run_dir.path, self.history, initial,
-                           self.history[-1].metrics if self.history else initial,
-                           best_metrics, self.run_dir.checkpoint(BEST_CHECKPOINT), last,
-                           time.perf_counter() - started)
+            self.log.end_epoch(stats, self.history)
+            position.epoch, position.batch, progress = epoch + 1, 0, EpochProgress()
+            self.save_training_state(position, progress, {}, complete=epoch == epochs)
+        final = self.history[-1].metrics if self.history else self.initial_metrics
+        last = self.run_dir.checkpoint(LAST_CHECKPOINT)
+        if self.place.is_main:
+            self.save(LAST_CHECKPOINT, epochs, final)
+            if self.skipped is not None:
+                write_line(f"data.on_error=skip: {skipped_summary(self.skipped.counts())}")
+        self.place.barrier()
+        return TrainResult(self.run_dir.path, self.history, self.initial_metrics, final, self.best_metrics,
+                           self.run_dir.checkpoint(BEST_CHECKPOINT), last, time.perf_counter() - started)
 
 
-def fit(config: Config, progress: bool = True, overwrite: bool = False) -> TrainResult:
+def fit(config: Config, progress: bool = True, overwrite: bool = False, resume: bool = False) -> TrainResult:
     """Train an image encoder against frozen caption vectors as ``config`` says; returns the run.
 
-    A ``train.run_dir`` that already holds a run is refused (ConfigError), unless ``overwrite`` clears its old
-    run first.
+    A ``train.run_dir`` that already holds a run is refused (ConfigError) unless ``resume`` continues it
+    from its training state or ``overwrite`` clears its old run first. Under ``torchrun`` every process
+    calls this; they join one process group (see :mod:`retrieval.distributed`).
     """
     seed_everything(config.train.seed)
-    return Trainer(config, progress=progress, overwrite=overwrite).run()
+    return Trainer(config, progress=progress, overwrite=overwrite, resume=resume).run()

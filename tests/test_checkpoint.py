@@ -81,8 +81,11 @@ def test_plain_value_converts_numpy_tuples_and_paths_and_refuses_objects():
     assert torch.equal(converted["c"], torch.arange(3)) and converted["d"] == "x/y"
     with pytest.raises(TypeError, match=r"metrics\.bad\[0\].*set"):
         plain_value({"bad": [{1, 2}]}, "metrics")
+    assert plain_value({1: "x"}, "optimizer") == {1: "x"}  # an optimizer's state is keyed by parameter number
     with pytest.raises(TypeError, match="key"):
-        plain_value({1: "x"}, "metrics")
+        plain_value({(1, 2): "x"}, "metrics")
+    with pytest.raises(TypeError, match="key"):
+        plain_value({True: "x"}, "metrics")
 
 
 def test_numpy_values_are_saved_as_plain_values_and_load_back(trained_run, tmp_path):

@@ -68,6 +68,8 @@ class CrossModalLoss(nn.Module):
     #: how embeddings are compared: in the loss, in evaluation and in search (a loss whose settings
     #: change it, e.g. ``squared``, sets it in ``__init__``)
     distance: Distance = L2
+    #: the loss's own random generator (negative sampling, banks), when it draws at random; saved for resume
+    generator: torch.Generator | None = None
 
     @classmethod
     def check_settings(cls, settings: Mapping[str, Any]) -> None:

@@ -29,7 +29,9 @@ class ImageEncoder(nn.Module):
                  normalize_output: bool = False) -> None:
         super().__init__()
         self.backbone = backbone.module
-        self.classifier = backbone.classifier
+        self.classifier = backbone.classifier  # the ImageNet head (for ConSE): kept, never trained
+        if self.classifier is not None:
+            self.classifier.requires_grad_(False)
         self.mean = backbone.mean
         self.std = backbone.std
         self.image_size = backbone.image_size
