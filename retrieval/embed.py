@@ -103,7 +103,9 @@ def caption_vector_table(captions: Sequence[Sequence[str]], encode_batch: Callab
 def feature_cache_path(cache_dir: str | Path, backbone: str, weights: str, image_size: int,
                        split: str, shards: Sequence[str]) -> Path:
     """Where a split's backbone features are cached: keyed by backbone, weights, size and shard files."""
-    identity = json.dumps([backbone, weights, image_size,
+    from retrieval.models.backbones import weights_identity
+
+    identity = json.dumps([backbone, weights_identity(backbone, weights), image_size,
                            [(s, os.path.getsize(s), os.path.getmtime(s)) for s in shards]])
     return Path(cache_dir) / f"{split}-{hashlib.sha1(identity.encode()).hexdigest()[:16]}.pt"
 

@@ -1,10 +1,15 @@
-"""Shared fixtures: the embedded COCO sample prepared into shards and one short trained run."""
+"""Shared fixtures: the embedded COCO sample prepared into shards and one short trained run.
+
+No test downloads: torch hub's cache is an empty folder for the whole session, and its download
+function fails the test that calls it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from retrieval.config import load_config
 from retrieval.train import fit
@@ -37,3 +42,15 @@ def trained_run(sample_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     config = demo_config(run_dir, f"data.shard_dir={sample_shards}", "train.epochs=40", "train.eval_every=10")
     return fit(config, progress=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_weight_downloads(tmp_path_factory):
+    """An empty TORCH_HOME (also for subprocesses), and torch hub's download fails the test that calls it."""
+    def refuse(url, *args, **kwargs):
+        pytest.fail(f"a test tried to download {url}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+        patch.setattr(torch.hub, "download_url_to_file", refuse)
+        yield
