@@ -179,7 +179,8 @@ class Trainer:
         self.place.barrier()  # every rank has looked at the folder before rank 0 changes it
         train_shards = list_shards(config.data.shard_dir, "train")
         val_shards = list_shards(config.data.shard_dir, "val")
-        self.backbone = create_backbone(config.model.backbone, config.model.weights)
+        with self.place.main_first():  # weights missing from the cache are downloaded once, by rank 0
+            self.backbone = create_backbone(config.model.backbone, config.model.weights)
         self.skipped = SkippedItems(warn=True) if config.data.on_error == "skip" else None
         # features cached on disk are written once, by rank 0, and read by the others
         with self.place.main_first() if config.train.feature_cache_dir else contextlib.nullcontext():
