@@ -140,6 +140,11 @@ class LossConfig:
     settings: dict = field(default_factory=dict)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+CHANNELS_LAST = ("auto", True, False)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation schedule, evaluation and where the run is written."""
@@ -157,9 +162,25 @@ class TrainConfig:
     eval_every: int = ranged(5, ge=1)
     ks: tuple[int, ...] = ranged((1, 5, 10), ge=1)
     shuffle_buffer: int = ranged(1000, ge=0)
+    # the optimiser side of a step (retrieval/optimization.py); the defaults are plain fp32 AdamW at train.lr
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (autocast and a gradient scaler; CUDA only)
+    backbone_lr: float | None = ranged(None, gt=0.0)  # lr of a training backbone (None: train.lr)
+    warmup_steps: int = ranged(0, ge=0)  # optimizer steps of linear warm-up from near 0 to the lr
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up, down to 0 at the run's last optimizer step)
+    grad_clip_norm: float | None = ranged(None, gt=0.0)  # clip the total gradient norm to this (None: no clipping)
+    grad_accumulation: int = ranged(1, ge=1)  # micro-batches per optimizer step
+    channels_last: bool | str = "auto"  # auto (on CUDA when the backbone trains) | true | false
     checkpoint_every: int = ranged(1000, ge=0)  # optimizer steps between training states (0: epoch ends only)
-    grad_accumulation: int = ranged(1, ge=1)
     tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name, choices in (("precision", PRECISIONS), ("lr_schedule", LR_SCHEDULES),
+                              ("channels_last", CHANNELS_LAST)):
+            value = getattr(self, name)
+            # true/false by identity: 1 or 0 is not a choice
+            if not any(value is choice if isinstance(choice, bool) else value == choice for choice in choices):
+                words = ", ".join(str(choice).lower() for choice in choices)
+                raise ConfigError(f"train.{name}: must be one of {words}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -197,6 +218,11 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.backbone_lr is not None and self.model.freeze_backbone:
+            raise ConfigError("train.backbone_lr: set, but model.freeze_backbone is true, so no backbone trains; "
+                              "set model.freeze_backbone=false or drop train.backbone_lr")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -36,7 +36,7 @@ from retrieval.errors import ConfigError, DataError
 from retrieval.evaluation import CaptionQueries, caption_queries, class_count, cross_modal_report
 from retrieval.losses import LOSSES, CrossModalLoss, LossOutput, build_loss
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
-from retrieval.optimization import OptimizationStep
+from retrieval.optimization import Optimization, check_precision
 from retrieval.progress import write_line
 from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDir
 from retrieval.runtime import resolve_device, seed_everything, torch_threads
@@ -146,8 +146,10 @@ class GlobalBatchLoss(nn.Module):
         self.source, self.place = source, place
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        outputs = self.source.embed(self.encoder, inputs)
-        return self.loss(self.place.gather(outputs), self.place.gather(targets), self.place.gather(labels))
+        outputs = self.source.embed(self.encoder, inputs)  # under train.precision's autocast
+        with torch.autocast(device_type=outputs.device.type, enabled=False):  # the loss itself in float32
+            return self.loss(self.place.gather(outputs.float()), self.place.gather(targets),
+                             self.place.gather(labels))
 
 
 def _numpy_state() -> dict:
@@ -171,6 +173,7 @@ class Trainer:
             raise ConfigError("--resume continues the run in train.run_dir and --overwrite replaces it; pass one")
         self.config = config
         self.place, self.device = join_process_group(resolve_device(config.train.device))
+        check_precision(config.train.precision, self.device)
         self.progress = progress and self.place.is_main
         self.run_dir = RunDir(config.train.run_dir)
         self.saved_state = read_resume_state(self.run_dir, config, self.device) if resume else None
@@ -197,8 +200,9 @@ class Trainer:
             self._build_text_side()
         self._build_model()
         self.steps_per_epoch = self.source.steps_per_epoch(self.targets)
-        total_steps = -(-self.steps_per_epoch * config.train.epochs // config.train.grad_accumulation)
-        self.optimization = OptimizationStep(config.train, self.encoder, self.loss, self.device, total_steps)
+        # an epoch's last batch closes its accumulation cycle: ceil(batches / accumulation) steps per epoch
+        total_steps = -(-self.steps_per_epoch // config.train.grad_accumulation) * config.train.epochs
+        self.optimization = Optimization(config.train, self.encoder, self.loss, self.device, total_steps)
         if self.saved_state is not None:
             self._restore_model(self.saved_state)
         self.encoder = self.optimization.prepare_model(self.encoder)
@@ -302,12 +306,14 @@ class Trainer:
         for inputs, targets, labels in batches:
             inputs = self.optimization.prepare_inputs(inputs.to(self.device, non_blocking=True))
             targets, labels = targets.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            accumulate = isinstance(self.training_loss, DistributedDataParallel) and not self.optimization.will_step
+            last_batch = position.batch + 1 == self.steps_per_epoch
+            accumulate = (isinstance(self.training_loss, DistributedDataParallel) and not last_batch
+                          and not self.optimization.will_step)
             with self.training_loss.no_sync() if accumulate else contextlib.nullcontext():
                 with self.optimization.autocast():
                     result = self.training_loss(inputs, targets, labels)
                 self.optimization.backward(result.value)
-            stepped = self.optimization.step()
+            stepped = self.optimization.step(close_cycle=last_batch)
             loss = progress.add(result)
             position.batch += 1
             if stepped:
