@@ -1,76 +1,217 @@
-"""Training-loop overhead: our ``Trainer`` epoch vs a bare PyTorch loop doing the same work.
+"""Training speed as ratios measured in one run: our loop ÷ a bare PyTorch loop, DDP ÷ one process, bf16 ÷ fp32.
 
-Both run the demo's cached-feature path (linear projection + text-anchored triplet loss with hard
-negatives) over identical batches; the ratio ours / bare is the cost of the library's loop
-(loss registry, logging signals, label handling). Run: ``python -m benchmarks.bench_train``.
+    python -m benchmarks.bench_train [--repeats 5] [--skip-ddp]
+
+- **loop overhead, cached features**: ``Trainer.train_epoch`` on the demo's cached EfficientNet-Lite0
+  features (linear projection, text-anchored triplet, farthest negatives) against the same epoch
+  written as a plain loop (project, pick negatives, hinge, AdamW step), over the very same batches;
+- **loop overhead, fine-tuning**: the same comparison end to end (ResNet-18, random weights, 64 px,
+  batch 16) over the same in-memory image batches, so only the loops differ;
+- **bf16 ÷ fp32**: fine-tuning steps/s of our loop with ``train.precision: bf16`` against fp32;
+- **2 ranks ÷ 1 process**: steps/s of ``torchrun --nproc_per_node 2`` (batch B per rank) against one
+  process (batch 2B, all threads), fine-tuning on the same shards: the cost or gain of DDP at the
+  same global batch on this machine.
+
+Each side is timed interleaved with its baseline, as the median of ``--repeats`` epochs after a warm-up.
+Writes a markdown table to stdout and JSON to ``benchmarks/results/train.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import os
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from retrieval.config import load_config
+from retrieval.config import load_config, save_config
+from retrieval.data.prepare import prepare
 from retrieval.io import write_json
 from retrieval.runtime import seed_everything
-from retrieval.train import Trainer
+from retrieval.train import EpochProgress, Position, Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = PROJECT_ROOT / "data" / "coco-mini" / "captions.jsonl"
 
 
-def bare_epoch(features, vectors, owner, projection, optimizer, margin, batch_size, generator) -> None:
-    """The same epoch written as a plain loop: permute pairs, project, hard negative, hinge, step."""
-    order = torch.randperm(len(owner), generator=generator)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
-        images, targets = owner[chosen], vectors[chosen]
-        outputs = F.normalize(projection(features[images]), dim=1)
-        text_distances = torch.cdist(targets, targets).masked_fill(images[:, None] == images[None, :], -1.0)
+def demo_config(workdir: Path, *overrides: str):
+    return load_config(PROJECT_ROOT / "configs" / "demo.yaml", [
+        f"data.path={SAMPLE}", f"data.shard_dir={workdir / 'shards'}", f"train.run_dir={workdir / 'run'}",
+        *overrides])
+
+
+def fixed_batches(trainer: Trainer, count: int) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` training batches of the trainer's own source, materialised once (cycling its epochs)."""
+    batches: list[tuple[torch.Tensor, ...]] = []
+    epoch = 1
+    while len(batches) < count:
+        batches += list(trainer.source.batches(epoch, trainer.targets))
+        epoch += 1
+    return batches[:count]
+
+
+def our_epoch(trainer: Trainer, batches: list) -> float:
+    """Seconds for ``Trainer.train_epoch`` over ``batches`` (the source is replaced by them)."""
+    trainer.source.batches = lambda epoch, targets, start_batch=0: iter(batches)
+    trainer.steps_per_epoch = len(batches)
+    start = time.perf_counter()
+    trainer.train_epoch(1, Position(), EpochProgress())
+    return time.perf_counter() - start
+
+
+def bare_epoch(forward: Callable[[torch.Tensor], torch.Tensor], batches: list, optimizer: torch.optim.Optimizer,
+               margin: float) -> float:
+    """Seconds for the same epoch as a plain loop: embed, farthest caption as negative, hinge, AdamW step."""
+    start = time.perf_counter()
+    for inputs, targets, labels in batches:
+        outputs = forward(inputs)
+        text_distances = torch.cdist(targets, targets).masked_fill(labels[:, None] == labels[None, :], -1.0)
         negatives = targets[text_distances.argmax(dim=1)]
         loss = torch.relu(margin + (outputs - targets).norm(dim=1) - (outputs - negatives).norm(dim=1)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    return time.perf_counter() - start
+
+
+def interleaved(first: Callable[[], float], second: Callable[[], float], repeats: int) -> tuple[float, float]:
+    """Median seconds of each, alternating, after one warm-up of each."""
+    first(), second()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(first())
+        b.append(second())
+    return statistics.median(a), statistics.median(b)
+
+
+def loop_overhead(workdir: Path, repeats: int, overrides: tuple[str, ...], batch_count: int,
+                  threads: int) -> dict:
+    """Our loop vs the bare loop over the same batches; ratio = our steps/s ÷ bare steps/s."""
+    torch.set_num_threads(threads)
+    seed_everything(0)
+    config = demo_config(workdir, *overrides, f"train.run_dir={workdir / ('run-' + str(len(overrides)))}")
+    trainer = Trainer(config, progress=False, overwrite=True)
+    torch.set_num_threads(threads)  # the source may pick its own thread count; both sides get the same
+    batches = fixed_batches(trainer, batch_count)
+    fine_tune = not config.model.freeze_backbone
+    bare_model = Trainer.__new__(Trainer)  # a twin encoder with the same initial weights, trained separately
+    bare_model = torch.nn.Module()
+    bare_model.encoder = type(trainer.encoder)(trainer.backbone, trainer.caption_encoder.dim,
+                                               normalize_output=config.model.normalize_output,
+                                               freeze_backbone=config.model.freeze_backbone)
+    bare_model.encoder.load_state_dict(trainer.encoder.state_dict())
+    encoder = bare_model.encoder.train()
+    forward = encoder if fine_tune else encoder.embed_features
+    parameters = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    margin = float(config.loss.settings.get("margin", 1.0))
+    ours, bare = interleaved(lambda: our_epoch(trainer, batches),
+                             lambda: bare_epoch(lambda x: _normalised(forward(x), config), batches, optimizer,
+                                                margin), repeats)
+    return {"batches": len(batches), "batch_size": config.train.batch_size, "threads": threads,
+            "ours_ms_per_step": round(ours / len(batches) * 1e3, 3),
+            "bare_ms_per_step": round(bare / len(batches) * 1e3, 3),
+            "ratio_ours_over_bare_steps_per_s": round(bare / ours, 3)}
+
+
+def _normalised(outputs: torch.Tensor, config) -> torch.Tensor:
+    return F.normalize(outputs, dim=1) if config.model.normalize_output else outputs
+
+
+def precision_ratio(workdir: Path, repeats: int, overrides: tuple[str, ...], batch_count: int, threads: int) -> dict:
+    """Our fine-tuning loop in bf16 against fp32 over the same batches; ratio = bf16 steps/s ÷ fp32 steps/s."""
+    torch.set_num_threads(threads)
+    trainers = {}
+    for precision in ("fp32", "bf16"):
+        seed_everything(0)
+        config = demo_config(workdir, *overrides, f"train.precision={precision}",
+                             f"train.run_dir={workdir / ('run-' + precision)}")
+        trainers[precision] = Trainer(config, progress=False, overwrite=True)
+    torch.set_num_threads(threads)
+    batches = fixed_batches(trainers["fp32"], batch_count)
+    fp32, bf16 = interleaved(lambda: our_epoch(trainers["fp32"], batches),
+                             lambda: our_epoch(trainers["bf16"], batches), repeats)
+    return {"batches": len(batches), "threads": threads, "fp32_ms_per_step": round(fp32 / len(batches) * 1e3, 2),
+            "bf16_ms_per_step": round(bf16 / len(batches) * 1e3, 2), "ratio_bf16_over_fp32_steps_per_s":
+                round(fp32 / bf16, 3)}
+
+
+def epoch_seconds(run_dir: Path) -> float:
+    with open(run_dir / "metrics.csv") as handle:
+        return sum(float(row["seconds"]) for row in csv.DictReader(handle))
+
+
+def ddp_ratio(workdir: Path, overrides: tuple[str, ...], batch_size: int) -> dict:
+    """One process (batch 2B, every core) against torchrun with 2 ranks (batch B each, one thread each)."""
+    seconds = {}
+    steps = {}
+    for name, processes, batch in (("one", 1, 2 * batch_size), ("ddp", 2, batch_size)):
+        run_dir = workdir / f"run-{name}"
+        config = demo_config(workdir, *overrides, f"train.batch_size={batch}", f"train.run_dir={run_dir}",
+                             "train.epochs=2", "train.eval_every=2")
+        path = workdir / f"{name}.yaml"
+        save_config(config, path)
+        entry = ["-m", "pipelines.cli", "train", "--config", str(path), "--overwrite"]
+        if processes > 1:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={processes}", *entry]
+        else:
+            command = [sys.executable, *entry]
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=True, capture_output=True)
+        seconds[name] = epoch_seconds(run_dir)
+        with open(run_dir / "steps.csv") as handle:
+            steps[name] = len(list(csv.DictReader(handle)))
+    if steps["one"] != steps["ddp"]:
+        raise SystemExit(f"the runs took different step counts: {steps}")
+    return {"steps": steps["one"], "global_batch": 2 * batch_size, "cores": os.cpu_count(),
+            "one_process_s": round(seconds["one"], 2), "two_ranks_s": round(seconds["ddp"], 2),
+            "ratio_ddp_over_one_steps_per_s": round(seconds["one"] / seconds["ddp"], 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=30, help="timed epochs per side")
-    parser.add_argument("--repeat", type=int, default=4, help="pairs of image–caption copies (bigger epochs)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "train.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    seed_everything(0)
-    config = load_config(PROJECT_ROOT / "configs" / "demo.yaml", [
-        f"data.path={PROJECT_ROOT / 'data/coco-mini/captions.jsonl'}", "train.run_dir=runs/bench-train",
-        "data.shard_dir=runs/demo/shards"])
-    trainer = Trainer(config, progress=False)
-    # a larger epoch: every pair repeated, so per-batch costs dominate start-up costs
-    targets = trainer.targets
-    targets.owner, targets.vectors = targets.owner.repeat(args.repeat), targets.vectors.repeat(args.repeat, 1)
-    projection = torch.nn.Linear(trainer.encoder.feature_dim, trainer.caption_encoder.dim)
-    optimizer = torch.optim.AdamW(projection.parameters(), lr=config.train.lr)
-    generator = torch.Generator().manual_seed(0)
-    ours, bare = [], []
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        trainer.train_epoch(epoch)
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        bare_epoch(trainer.source.train_set.vectors, targets.vectors, targets.owner, projection, optimizer,
-                   trainer.loss.margin, config.train.batch_size, generator)
-        bare.append(time.perf_counter() - start)
-    ours_ms, bare_ms = statistics.median(ours[2:]) * 1e3, statistics.median(bare[2:]) * 1e3
-    result = {"pairs_per_epoch": len(targets.owner), "batch_size": config.train.batch_size,
-              "epochs_timed": args.epochs - 2, "ours_ms_per_epoch": round(ours_ms, 3),
-              "bare_ms_per_epoch": round(bare_ms, 3), "ratio_ours_over_bare": round(ours_ms / bare_ms, 3)}
-    print("| loop | ms / epoch | ratio |\n|---|---:|---:|")
-    print(f"| bare PyTorch | {bare_ms:.2f} | 1.00 |\n| retrieval Trainer | {ours_ms:.2f} | {ours_ms / bare_ms:.2f} |")
+    fine_tune = ("model.backbone=resnet18", "model.weights=random", "model.freeze_backbone=false",
+                 "data.image_size=64", "train.batch_size=16")
+    with tempfile.TemporaryDirectory() as folder:
+        workdir = Path(folder)
+        prepare(demo_config(workdir))
+        result = {
+            "cached_features": loop_overhead(workdir, args.repeats * 4, (), batch_count=64, threads=1),
+            "fine_tuning": loop_overhead(workdir, args.repeats, fine_tune, batch_count=8,
+                                         threads=torch.get_num_threads()),
+            "bf16_vs_fp32": precision_ratio(workdir, args.repeats, fine_tune, batch_count=8,
+                                            threads=torch.get_num_threads()),
+        }
+        if not args.skip_ddp:
+            result["ddp_vs_one_process"] = ddp_ratio(workdir, fine_tune[:-1], batch_size=8)
+    result["machine"] = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                         "device": "cpu"}
+    print("| case | baseline | ours | ratio (steps/s) |\n|---|---:|---:|---:|")
+    for name in ("cached_features", "fine_tuning"):
+        row = result[name]
+        print(f"| loop, {name.replace('_', ' ')} | {row['bare_ms_per_step']} ms (bare) | "
+              f"{row['ours_ms_per_step']} ms | {row['ratio_ours_over_bare_steps_per_s']} |")
+    row = result["bf16_vs_fp32"]
+    print(f"| bf16 ÷ fp32 | {row['fp32_ms_per_step']} ms | {row['bf16_ms_per_step']} ms | "
+          f"{row['ratio_bf16_over_fp32_steps_per_s']} |")
+    if "ddp_vs_one_process" in result:
+        row = result["ddp_vs_one_process"]
+        print(f"| 2 ranks ÷ 1 process | {row['one_process_s']} s | {row['two_ranks_s']} s | "
+              f"{row['ratio_ddp_over_one_steps_per_s']} |")
     write_json(args.out, result)
     return 0
 
