@@ -157,6 +157,7 @@ class TrainConfig:
     eval_every: int = ranged(5, ge=1)
     ks: tuple[int, ...] = ranged((1, 5, 10), ge=1)
     shuffle_buffer: int = ranged(1000, ge=0)
+    tensorboard: bool = False  # also write TensorBoard event files to <run_dir>/tensorboard (needs tensorboard)
 
 
 @dataclass(frozen=True)

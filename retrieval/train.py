@@ -6,9 +6,8 @@ Where the batches come from (cached backbone features or images streamed from th
 
 from __future__ import annotations
 
-import csv
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +22,12 @@ from retrieval.data.skips import SkippedItems, skipped_summary
 from retrieval.embed import EncodedCollection
 from retrieval.errors import ConfigError, DataError
 from retrieval.evaluation import CaptionQueries, caption_queries, class_count, cross_modal_report
-from retrieval.io import atomic_path
 from retrieval.losses import LOSSES, build_loss
 from retrieval.models import BACKBONES, ImageEncoder, create_backbone
 from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDir
 from retrieval.runtime import resolve_device, seed_everything, torch_threads
 from retrieval.targets import build_caption_encoder
-
-
-@dataclass
-class EpochStats:
-    """What one epoch did: the loss signals, and held-out retrieval when it was evaluated."""
-
-    epoch: int
-    loss: float
-    active_fraction: float
-    mean_pos_distance: float
-    mean_neg_distance: float
-    seconds: float
-    metrics: dict = field(default_factory=dict)
+from retrieval.training_log import EpochStats, write_history
 
 
 @dataclass
@@ -167,16 +153,6 @@ class Trainer:
                         epoch=epoch, metrics=metrics, num_classes=self.num_classes)
         return path
 
-    def write_history(self, history: list[EpochStats]) -> None:
-        """metrics.csv: one row per epoch (rewritten atomically each epoch)."""
-        metric_names = sorted({name for stats in history for name in stats.metrics})
-        columns = ["epoch", "loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "seconds"]
-        with atomic_path(self.run_dir.metrics_file) as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns + metric_names)
-            for stats in history:
-                writer.writerow([getattr(stats, c) for c in columns] + [stats.metrics.get(m, "") for m in metric_names])
-
     def run(self) -> TrainResult:
         with torch_threads(self.source.threads(self.device)):
             return self._run()
@@ -198,7 +174,7 @@ class Trainer:
                     best_score, best_metrics = rsum(stats.metrics), stats.metrics
                     self.save(BEST_CHECKPOINT, epoch, stats.metrics)
             self.history.append(stats)
-            self.write_history(self.history)
+            write_history(self.run_dir.metrics_file, self.history)
             bar.set_postfix(loss=f"{stats.loss:.3f}", active=f"{stats.active_fraction:.2f}",
                             **({"t2i_R@5": f"{stats.metrics.get('text_to_image/R@5', 0):.2f}"}
                                if stats.metrics else {}))
