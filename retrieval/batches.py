@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from retrieval.config import Config
 from retrieval.data import make_loader, make_train_pipeline, read_shard_records
@@ -34,6 +33,7 @@ from retrieval.embed import (
 )
 from retrieval.evaluation import image_labels
 from retrieval.models import Backbone, ImageEncoder
+from retrieval.progress import progress_bar
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (inputs, caption vectors, labels)
 
@@ -178,7 +178,7 @@ class StreamedImageBatches(BatchSource):
         """(images, caption vectors, labels) streamed from the shards with augmentation."""
         # streamed epochs are long enough to deserve their own bar (around the batches: a bar around
         # the loader would start one of its epochs just to look for a length)
-        return tqdm(self._stream(epoch, targets), desc=f"epoch {epoch}", leave=False, disable=not self.progress)
+        return progress_bar(self._stream(epoch, targets), desc=f"epoch {epoch}", leave=False, enabled=self.progress)
 
     def _stream(self, epoch: int, targets: CaptionTargets) -> Iterator[Batch]:
         table = caption_vector_table(self.train_set.captions, targets.encode_batch)

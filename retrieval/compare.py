@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from tqdm.auto import tqdm
 
 from retrieval.checkpoint import load_checkpoint
 from retrieval.compare_results import (
@@ -50,6 +49,7 @@ from retrieval.evaluation import (
 )
 from retrieval.io import write_json
 from retrieval.losses import LOSSES, loss_settings
+from retrieval.progress import ProgressBar, progress_bar
 from retrieval.rundir import RunDir
 from retrieval.runtime import resolve_device
 from retrieval.targets import build_caption_encoder, text_side
@@ -306,7 +306,8 @@ def conse_run(spec: CompareSpec, variant: VariantSpec, data: _Data) -> RunResult
                      evaluation=evaluate_record(spec, np.asarray(embeddings, np.float32), data, encoder, COSINE))
 
 
-def run_variant(spec: CompareSpec, variant: VariantSpec, data: _Data, bar: tqdm, reuse: bool = True) -> VariantResult:
+def run_variant(spec: CompareSpec, variant: VariantSpec, data: _Data, bar: ProgressBar,
+                reuse: bool = True) -> VariantResult:
     """Every seed of one variant (ConSE: one deterministic run); skipped variants carry a note."""
     seeds = spec.seeds if variant.kind == "train" else (None,)
     config = spec.config_for(variant, seeds[0])
@@ -346,7 +347,7 @@ def run_comparison(spec: CompareSpec, command: str = "", progress: bool = True,
     """
     data = load_data(spec)
     total = sum(len(spec.seeds) if v.kind == "train" else 1 for v in spec.variants)
-    with tqdm(total=total, desc=f"compare {spec.name}", unit="run", disable=not progress) as bar:
+    with progress_bar(total=total, desc=f"compare {spec.name}", unit="run", enabled=progress) as bar:
         records = [run_variant(spec, variant, data, bar, reuse) for variant in spec.variants]
     written = assemble(spec, records, data, command).to_json()
     write_json(spec.out / "results.json", written)

@@ -171,7 +171,7 @@ class TrainConfig:
     grad_accumulation: int = ranged(1, ge=1)  # micro-batches per optimizer step
     channels_last: bool | str = "auto"  # auto (on CUDA when the backbone trains) | true | false
     checkpoint_every: int = ranged(1000, ge=0)  # optimizer steps between training states (0: epoch ends only)
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files to <run_dir>/tensorboard (needs tensorboard)
 
     def __post_init__(self) -> None:
         for name, choices in (("precision", PRECISIONS), ("lr_schedule", LR_SCHEDULES),

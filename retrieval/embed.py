@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 from torchvision import transforms as T
-from tqdm.auto import tqdm
 
 from retrieval.data import Sample, iter_samples
 from retrieval.data.pipeline import Handler, raise_data_error
 from retrieval.io import atomic_path
+from retrieval.progress import progress_bar
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
@@ -60,7 +60,7 @@ def encode_shards(shards: Sequence[str], forward: Callable[[torch.Tensor], torch
             outputs.append(forward(torch.stack(batch).to(device)).float().cpu())
             batch.clear()
 
-    for sample in tqdm(iter_samples(shards, handler), desc=desc, unit="img", leave=False, disable=not progress):
+    for sample in progress_bar(iter_samples(shards, handler), desc=desc, unit="img", leave=False, enabled=progress):
         if visit is not None:
             visit(sample)
         batch.append(transform(sample.image))

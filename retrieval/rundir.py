@@ -4,6 +4,8 @@ A run folder (``train.run_dir``)::
 
     config.yaml               the resolved config the run was trained with
     metrics.csv               one row per epoch
+    steps.csv                 one row per optimizer step (step, epoch, loss, lr)
+    tensorboard/              TensorBoard event files (``train.tensorboard: true``)
     checkpoints/<name>.pt     best.pt (best held-out score) and last.pt
     training-state.pt         everything to resume training exactly (``retrieval train --resume``)
     word2vec-captions.kv      word vectors trained on the captions (``text.vectors: word2vec-captions``)
@@ -46,6 +48,8 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAINING_STATE_FILE = "training-state.pt"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
+STEPS_FILE = "steps.csv"
+TENSORBOARD_DIR = "tensorboard"
 CAPTION_WORD2VEC_FILE = "word2vec-captions.kv"
 REPORT_DIR = "report"
 EVALUATION_REPORT_FILE = "evaluate.json"
@@ -156,6 +160,16 @@ class RunDir(_Folder):
         return self.path / METRICS_FILE
 
     @property
+    def steps_file(self) -> Path:
+        """One row per optimizer step: step, epoch, loss, learning rate."""
+        return self.path / STEPS_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        """The folder of the run's TensorBoard event files."""
+        return self.path / TENSORBOARD_DIR
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS_DIR
 
@@ -203,13 +217,14 @@ class RunDir(_Folder):
         return self.config_file.is_file() or bool(self.checkpoint_names()) or self.training_state.is_file()
 
     def run_files(self) -> list[Path]:
-        """The artefacts of a run present in the folder (config, metrics, checkpoints, vectors, reports, indexes).
+        """The artefacts of a run present in the folder (config, metrics, step log, TensorBoard events, checkpoints,
+        vectors, reports, indexes).
 
         Anything else in the folder (shards, the user's own files) is not part of the run.
         """
-        named = [self.config_file, self.metrics_file, self.checkpoints, self.training_state, self.caption_word2vec,
-                 self.report,
-                 self.compare_record, self.index.path]
+        named = [self.config_file, self.metrics_file, self.steps_file, self.tensorboard, self.checkpoints,
+                 self.training_state,
+                 self.caption_word2vec, self.report, self.compare_record, self.index.path]
         found = [path for path in named if path.exists()]
         return found + [index.path for index in self.indexes() if index.path not in found]
 

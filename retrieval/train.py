@@ -41,7 +41,7 @@ from retrieval.progress import write_line
 from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDir
 from retrieval.runtime import resolve_device, seed_everything, torch_threads
 from retrieval.targets import build_caption_encoder
-from retrieval.training_log import EpochStats, TrainingLog
+from retrieval.training_log import EpochStats, TrainingLog, check_tensorboard
 
 # settings that may differ when a run is resumed: where it runs, not what it computes
 RESUMABLE_CHANGES = ("train.device", "train.feature_cache_dir", "train.tensorboard")
@@ -94,6 +94,7 @@ def check_names(config: Config) -> None:
     """Fail fast, before any data is read, on a loss or backbone name that does not exist."""
     LOSSES.get(config.loss.name)  # its settings were checked when the config was loaded
     BACKBONES.get(config.model.backbone)
+    check_tensorboard(config)
 
 
 def rsum(metrics: dict) -> float:
@@ -211,7 +212,8 @@ class Trainer:
             self.training_loss = DistributedDataParallel(self.training_loss)
         resume_step = self.saved_state["training"]["position"]["step"] if self.saved_state else None
         self.log = TrainingLog(self.run_dir, enabled=self.place.is_main, progress=self.progress,
-                               tensorboard=config.train.tensorboard, resume_step=resume_step)
+                               tensorboard=config.train.tensorboard, resume_step=resume_step,
+                               epochs=config.train.epochs)
 
     # -- setup -------------------------------------------------------------------------------
     def _build_text_side(self) -> None:
@@ -301,9 +303,11 @@ class Trainer:
         epoch_start = self._start_epoch(epoch, replay)
         started = time.perf_counter() - progress.seconds
         checkpoint_every = self.config.train.checkpoint_every
-        self.log.start_epoch(epoch, self.steps_per_epoch)
+        self.log.start_epoch(epoch, self.steps_per_epoch - position.batch)
         batches = self.source.batches(epoch, self.targets, start_batch=position.batch)
+        images = 0  # images (all ranks) since the last optimizer step
         for inputs, targets, labels in batches:
+            images += len(inputs) * self.place.world_size
             inputs = self.optimization.prepare_inputs(inputs.to(self.device, non_blocking=True))
             targets, labels = targets.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             last_batch = position.batch + 1 == self.steps_per_epoch
@@ -318,8 +322,8 @@ class Trainer:
             position.batch += 1
             if stepped:
                 position.step += 1
-                self.log.log_step(position.step, epoch, loss, self.optimization.lr,
-                                  images=len(inputs) * self.place.world_size)
+                self.log.log_step(position.step, epoch, loss, self.optimization.lr, images=images)
+                images = 0
                 if checkpoint_every and position.step % checkpoint_every == 0 and position.batch < self.steps_per_epoch:
                     progress.seconds = time.perf_counter() - started
                     self.save_training_state(position, progress, epoch_start)
@@ -357,6 +361,7 @@ class Trainer:
         random_states = self.place.gather_objects(self._random_state())
         if not self.place.is_main:
             return
+        self.log.flush()  # the step log holds every step up to this state
         training = {
             "position": asdict(position), "epoch_progress": asdict(progress), "epoch_start": epoch_start,
             "random_states": random_states, "optimization": self.optimization.state_dict(),

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from tqdm import tqdm
 
 from retrieval.data.images import check_image_bytes, image_error_text
 from retrieval.data.skips import BadItem, SkippedItems, pass_on
 from retrieval.data.sources import Record, check_unique_keys
 from retrieval.errors import ConfigError, DataError
 from retrieval.io import atomic_dir, write_json
+from retrieval.progress import progress_bar
 
 MANIFEST = "manifest.json"
 SHORT_SHARD = "shard holds fewer samples than its manifest"  # the reason a skip policy counts
@@ -240,8 +240,8 @@ def write_shards(
     with atomic_dir(out) as tmp:
         writers = _SplitWriters(tmp, shard_size)
         with contextlib.closing(writers):
-            bar = tqdm(check_unique_keys(records, skipped), desc=f"writing {out.name}", unit="img",
-                       disable=not progress)
+            bar = progress_bar(check_unique_keys(records, skipped), desc=f"writing {out.name}", unit="img",
+                               enabled=progress)
             for record in bar:
                 try:
                     _verify_image(record)

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from retrieval.errors import ConfigError, DataError, QueryError
+from retrieval.progress import progress_bar
 from retrieval.text.captions import OOVStats, TextEncoder
 
 SENTENCE_KIND = "sentence-transformer"
@@ -180,8 +180,8 @@ class SentenceEncoder(TextEncoder):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         counts: list[tuple[int, list[str]]] = [(0, [])] * len(texts)
         order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), texts[i]))
-        bar = tqdm(total=len(texts), desc="encoding captions", unit="caption", leave=False,
-                   disable=not self.progress or len(texts) < 2000)
+        bar = progress_bar(total=len(texts), desc="encoding captions", unit="caption", leave=False,
+                           enabled=self.progress and len(texts) >= 2000)
         with bar:
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
