@@ -4,7 +4,10 @@
 
 - **loop overhead, cached features**: ``Trainer.train_epoch`` on the demo's cached EfficientNet-Lite0
   features (linear projection, text-anchored triplet, farthest negatives) against the same epoch
-  written as a plain loop (project, pick negatives, hinge, AdamW step), over the very same batches;
+  written as a plain PyTorch loop (embed, the same loss module, backward, AdamW step), over the very
+  same batches: the ratio is the cost of the loop itself (batch source, global-batch gather,
+  precision and accumulation logic, step log, positions for resume). The losses are compared with
+  pytorch-metric-learning's in ``bench_losses``;
 - **loop overhead, fine-tuning**: the same comparison end to end (ResNet-18, random weights, 64 px,
   batch 16) over the same in-memory image batches, so only the loops differ;
 - **bf16 ÷ fp32**: fine-tuning steps/s of our loop with ``train.precision: bf16`` against fp32;
@@ -19,6 +22,7 @@ Writes a markdown table to stdout and JSON to ``benchmarks/results/train.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import os
 import platform
@@ -31,11 +35,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from retrieval.config import load_config, save_config
 from retrieval.data.prepare import prepare
 from retrieval.io import write_json
+from retrieval.losses import build_loss
 from retrieval.runtime import seed_everything
 from retrieval.train import EpochProgress, Position, Trainer
 
@@ -69,14 +73,11 @@ def our_epoch(trainer: Trainer, batches: list) -> float:
 
 
 def bare_epoch(forward: Callable[[torch.Tensor], torch.Tensor], batches: list, optimizer: torch.optim.Optimizer,
-               margin: float) -> float:
-    """Seconds for the same epoch as a plain loop: embed, farthest caption as negative, hinge, AdamW step."""
+               loss_module: torch.nn.Module) -> float:
+    """Seconds for the same epoch as a plain loop: embed, loss, backward, AdamW step."""
     start = time.perf_counter()
     for inputs, targets, labels in batches:
-        outputs = forward(inputs)
-        text_distances = torch.cdist(targets, targets).masked_fill(labels[:, None] == labels[None, :], -1.0)
-        negatives = targets[text_distances.argmax(dim=1)]
-        loss = torch.relu(margin + (outputs - targets).norm(dim=1) - (outputs - negatives).norm(dim=1)).mean()
+        loss = loss_module(forward(inputs), targets, labels).value
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -103,28 +104,18 @@ def loop_overhead(workdir: Path, repeats: int, overrides: tuple[str, ...], batch
     torch.set_num_threads(threads)  # the source may pick its own thread count; both sides get the same
     batches = fixed_batches(trainer, batch_count)
     fine_tune = not config.model.freeze_backbone
-    bare_model = Trainer.__new__(Trainer)  # a twin encoder with the same initial weights, trained separately
-    bare_model = torch.nn.Module()
-    bare_model.encoder = type(trainer.encoder)(trainer.backbone, trainer.caption_encoder.dim,
-                                               normalize_output=config.model.normalize_output,
-                                               freeze_backbone=config.model.freeze_backbone)
-    bare_model.encoder.load_state_dict(trainer.encoder.state_dict())
-    encoder = bare_model.encoder.train()
+    encoder = copy.deepcopy(trainer.encoder).train()  # a twin with the same initial weights, trained separately
     forward = encoder if fine_tune else encoder.embed_features
     parameters = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.train.lr, weight_decay=config.train.weight_decay)
-    margin = float(config.loss.settings.get("margin", 1.0))
+    loss_module = build_loss(config.loss, seed=config.train.seed, num_classes=trainer.num_classes,
+                             embedding_dim=trainer.caption_encoder.dim)
     ours, bare = interleaved(lambda: our_epoch(trainer, batches),
-                             lambda: bare_epoch(lambda x: _normalised(forward(x), config), batches, optimizer,
-                                                margin), repeats)
+                             lambda: bare_epoch(forward, batches, optimizer, loss_module), repeats)
     return {"batches": len(batches), "batch_size": config.train.batch_size, "threads": threads,
             "ours_ms_per_step": round(ours / len(batches) * 1e3, 3),
             "bare_ms_per_step": round(bare / len(batches) * 1e3, 3),
             "ratio_ours_over_bare_steps_per_s": round(bare / ours, 3)}
-
-
-def _normalised(outputs: torch.Tensor, config) -> torch.Tensor:
-    return F.normalize(outputs, dim=1) if config.model.normalize_output else outputs
 
 
 def precision_ratio(workdir: Path, repeats: int, overrides: tuple[str, ...], batch_count: int, threads: int) -> dict:

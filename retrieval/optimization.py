@@ -124,6 +124,9 @@ class Optimization:
         self.optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
+        # a constant lr without warm-up never changes: its scheduler need not run each step (it costs ~10% of a
+        # small step); it still counts steps, so its state matches a stepped one
+        self.lr_changes = train.lr_schedule != "constant" or train.warmup_steps > 0
         self.scaler = make_grad_scaler(self.device_type, enabled=train.precision == "fp16")
         if train.channels_last == "auto":
             self.channels_last = self.device_type == "cuda" and self.backbone_trains
@@ -178,6 +181,9 @@ class Optimization:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.lr_changes:
+            self.scheduler.last_epoch += 1
+            return True
         with warnings.catch_warnings():
             if self.scaler.is_enabled():  # a step the scaler skipped is still a step of the schedule
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")

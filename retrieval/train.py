@@ -148,6 +148,8 @@ class GlobalBatchLoss(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         outputs = self.source.embed(self.encoder, inputs)  # under train.precision's autocast
+        if not torch.is_autocast_enabled(outputs.device.type):
+            return self.loss(self.place.gather(outputs), self.place.gather(targets), self.place.gather(labels))
         with torch.autocast(device_type=outputs.device.type, enabled=False):  # the loss itself in float32
             return self.loss(self.place.gather(outputs.float()), self.place.gather(targets),
                              self.place.gather(labels))

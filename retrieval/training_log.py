@@ -31,6 +31,7 @@ from retrieval.rundir import RunDir
 STEP_COLUMNS = ("step", "epoch", "loss", "lr")
 EPOCH_COLUMNS = ("epoch", "loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "seconds")
 SHOWN_METRIC = "text_to_image/R@5"  # the held-out figure an epoch's line shows
+STEPS_FLUSH_SECONDS = 1.0  # steps.csv reaches the disk at least this often (and at every flush())
 
 
 @dataclass
@@ -129,6 +130,7 @@ class TrainingLog:
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         self._steps_file = self._open_steps(resume_step)
         self._steps = csv.writer(self._steps_file)
+        self._steps_flushed_at = time.perf_counter()
         self._reset_epoch_counters()
 
     # -- the files ---------------------------------------------------------------------------
@@ -170,7 +172,9 @@ class TrainingLog:
         now = time.perf_counter()
         loss, lr = float(loss), float(lr)
         self._steps.writerow((step, epoch, loss, lr))
-        self._steps_file.flush()
+        if now - self._steps_flushed_at >= STEPS_FLUSH_SECONDS:  # live for `tail -f`, without a write per step
+            self._steps_file.flush()
+            self._steps_flushed_at = now
         step_seconds = now - self._last_step_time
         self.step, self.epoch, self._last_step_time = step, epoch, now
         self._epoch_images += images
@@ -225,6 +229,7 @@ class TrainingLog:
         if not self.enabled:
             return
         self._steps_file.flush()
+        self._steps_flushed_at = time.perf_counter()
         if self._writer is not None:
             self._writer.flush()
 

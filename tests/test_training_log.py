@@ -71,11 +71,26 @@ def test_steps_csv_has_a_row_per_step_readable_before_close(tmp_path):
     log = TrainingLog(run, progress=False, tensorboard=False)
     log.start_epoch(1, 3)
     log_steps(log, range(1, 4))
-    rows = read_steps(run.steps_file)  # flushed at each step: a killed run leaves its rows
+    log.flush()  # as before each checkpoint (and at least once a second while steps are logged)
+    rows = read_steps(run.steps_file)
     assert rows == [{"step": s, "epoch": 1, "loss": loss_of(s), "lr": 0.01 / s} for s in (1, 2, 3)]
     assert read_csv(run.steps_file)[0] == ["step", "epoch", "loss", "lr"]
     log.close()
     log.close()  # a second close does nothing
+
+
+def test_steps_reach_the_file_once_a_second_without_a_flush_per_step(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr("retrieval.training_log.time", clock)
+    run = RunDir(tmp_path)
+    log = TrainingLog(run, progress=False, tensorboard=False)
+    log.start_epoch(1, 10)
+    log_steps(log, range(1, 4))  # within the same second: still buffered
+    assert read_steps(run.steps_file) == []
+    clock.now += 1.0
+    log_steps(log, range(4, 5))  # a second later: everything so far is on disk, for `tail -f`
+    assert [row["step"] for row in read_steps(run.steps_file)] == [1, 2, 3, 4]
+    log.close()
 
 
 def test_resume_keeps_the_steps_up_to_the_checkpoint(tmp_path):

@@ -50,6 +50,11 @@ class LossOutput:
     ) -> LossOutput:
         """Build an output from per-term tensors (detached for the logged statistics)."""
         with torch.no_grad():
+            if active.numel() and pos_distance.numel() and neg_distance.numel():  # one device sync for all three
+                dtype = pos_distance.dtype if pos_distance.is_floating_point() else torch.float32
+                stats = torch.stack([active.to(dtype).mean(), pos_distance.to(dtype).mean(),
+                                     neg_distance.to(dtype).mean()]).tolist()
+                return cls(value, *stats)
             return cls(
                 value=value,
                 active_fraction=float(active.float().mean()) if active.numel() else 0.0,
