@@ -110,6 +110,11 @@ def test_a_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(sample_sha
 
     refused = run_train(config, expect_ok=False, processes=1)  # without --resume the folder is refused
     assert refused.returncode != 0 and "--resume" in refused.stderr and "train.run_dir" in refused.stderr
+    both = run_train(config, "--resume", "--overwrite", expect_ok=False)
+    assert both.returncode != 0 and "pass one" in both.stderr
+    if processes == 1:  # a run is resumed with the process count it trained with
+        other = run_train(config, "--resume", processes=2, expect_ok=False)
+        assert other.returncode != 0 and "trained with 1 process(es)" in other.stderr
 
     run_train(config, "--resume", processes=processes)
     expected, resumed = logged_losses(whole), logged_losses(killed)
