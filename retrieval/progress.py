@@ -132,6 +132,6 @@ def _length(iterable: Iterable | None) -> int | None:
 
 
 def write_line(text: str, enabled: bool = True) -> None:
-    """Print one line to stderr without breaking a live bar (under torchrun, pass ``enabled`` for rank 0 only)."""
+    """Print one line of status to stdout without breaking a live bar (under torchrun: ``enabled`` on rank 0 only)."""
     if enabled:
-        tqdm.write(text, file=sys.stderr)
+        tqdm.write(text)
