@@ -13,10 +13,12 @@ from retrieval.train import Trainer, fit
 from retrieval.training_log import read_steps
 from tests.conftest import demo_config
 
+SMALL_CACHED = ("model.backbone=resnet18", "model.weights=random", "data.image_size=32")  # features in a second
 FINE_TUNE = ("model.backbone=resnet18", "model.weights=random", "model.freeze_backbone=false", "data.image_size=32",
              "train.batch_size=8", "train.eval_every=1")
 
 
+@pytest.mark.slow
 def test_bf16_fine_tuning_runs_the_backbone_in_bf16_and_trains(sample_shards, tmp_path):
     config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", *FINE_TUNE, "train.precision=bf16",
                          "train.epochs=2", "train.lr=0.003")
@@ -38,7 +40,8 @@ def test_bf16_fine_tuning_runs_the_backbone_in_bf16_and_trains(sample_shards, tm
 
 
 def test_the_logged_learning_rate_follows_warm_up_then_cosine(sample_shards, tmp_path):
-    config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.epochs=3", "train.batch_size=16",
+    config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", *SMALL_CACHED, "train.epochs=3",
+                         "train.batch_size=16",
                          "train.warmup_steps=4", "train.lr_schedule=cosine", "train.lr=0.01", "train.eval_every=3")
     fit(config, progress=False)
     rows = read_steps(tmp_path / "steps.csv")
@@ -50,7 +53,8 @@ def test_the_logged_learning_rate_follows_warm_up_then_cosine(sample_shards, tmp
 
 
 def test_accumulation_takes_one_optimizer_step_per_cycle_and_closes_each_epoch(sample_shards, tmp_path):
-    config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.epochs=2", "train.batch_size=16",
+    config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", *SMALL_CACHED, "train.epochs=2",
+                         "train.batch_size=16",
                          "train.grad_accumulation=4", "train.eval_every=2")
     fit(config, progress=False)
     rows = read_steps(tmp_path / "steps.csv")
