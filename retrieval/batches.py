@@ -29,10 +29,10 @@ from retrieval.embed import (
     encode_shards,
     eval_transform,
     split_features,
-    train_transform,
 )
 from retrieval.evaluation import image_labels
 from retrieval.models import Backbone, ImageEncoder
+from retrieval.transforms import BatchDecoder, resolve_decode_device, train_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (inputs, caption vectors, labels)
 
@@ -144,12 +144,15 @@ class StreamedImageBatches(BatchSource):
         table = caption_vector_table(self.train_set.captions, targets.encode_batch)
         index_of = {key: i for i, key in enumerate(self.train_set.keys)}
         train = self.config.train
-        transform = train_transform(self.config.data.image_size, self.mean, self.std)
-        pipeline = make_train_pipeline(self.train_shards, transform=transform, caption_vector=table.get,
+        augment = train_transform(self.config.data.image_size, self.mean, self.std)
+        decode_device = resolve_decode_device(self.config.data.decode_device, self.device)  # None: in the loader
+        pipeline = make_train_pipeline(self.train_shards, transform=None if decode_device else augment,
+                                       keep_encoded=decode_device is not None, caption_vector=table.get,
                                        shuffle_buffer=train.shuffle_buffer, seed=train.seed + epoch - 1,
                                        handler=self.handler)
         loader = make_loader(pipeline, train.batch_size, self.config.data.num_workers)
-        for images, vectors, keys in loader:
+        to_images = BatchDecoder(augment, decode_device or "cpu", self.handler)  # decodes encoded batches there
+        for images, vectors, keys in map(to_images, loader):
             yield images, vectors, targets.labels[torch.tensor([index_of[k] for k in keys])]
 
     def embed(self, encoder: ImageEncoder, inputs: torch.Tensor) -> torch.Tensor:
