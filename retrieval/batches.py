@@ -29,11 +29,10 @@ from retrieval.embed import (
     encode_shards,
     eval_transform,
     split_features,
-    train_transform,
 )
 from retrieval.evaluation import image_labels
 from retrieval.models import Backbone, ImageEncoder
-from retrieval.progress import progress_bar
+from retrieval.transforms import BatchDecoder, resolve_decode_device, train_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (inputs, caption vectors, labels)
 
@@ -175,21 +174,23 @@ class StreamedImageBatches(BatchSource):
         return -(-len(self.train_set.keys) // self.config.train.batch_size)
 
     def batches(self, epoch: int, targets: CaptionTargets, start_batch: int = 0) -> Iterable[Batch]:
-        """(images, caption vectors, labels) streamed from the shards with augmentation."""
-        # streamed epochs are long enough to deserve their own bar (around the batches: a bar around
-        # the loader would start one of its epochs just to look for a length)
-        return progress_bar(self._stream(epoch, targets), desc=f"epoch {epoch}", leave=False, enabled=self.progress)
+        """(images, caption vectors, labels) streamed from the shards with augmentation (the loop's log shows the
+        epoch's progress)."""
+        return self._stream(epoch, targets)
 
     def _stream(self, epoch: int, targets: CaptionTargets) -> Iterator[Batch]:
         table = caption_vector_table(self.train_set.captions, targets.encode_batch)
         index_of = {key: i for i, key in enumerate(self.train_set.keys)}
         train = self.config.train
-        transform = train_transform(self.config.data.image_size, self.mean, self.std)
-        pipeline = make_train_pipeline(self.train_shards, transform=transform, caption_vector=table.get,
+        augment = train_transform(self.config.data.image_size, self.mean, self.std)
+        decode_device = resolve_decode_device(self.config.data.decode_device, self.device)  # None: in the loader
+        pipeline = make_train_pipeline(self.train_shards, transform=None if decode_device else augment,
+                                       keep_encoded=decode_device is not None, caption_vector=table.get,
                                        shuffle_buffer=train.shuffle_buffer, seed=train.seed + epoch - 1,
                                        handler=self.handler)
         loader = make_loader(pipeline, train.batch_size, self.config.data.num_workers)
-        for images, vectors, keys in loader:
+        to_images = BatchDecoder(augment, decode_device or "cpu", self.handler)  # decodes encoded batches there
+        for images, vectors, keys in map(to_images, loader):
             yield images, vectors, targets.labels[torch.tensor([index_of[k] for k in keys])]
 
     def embed(self, encoder: ImageEncoder, inputs: torch.Tensor) -> torch.Tensor:

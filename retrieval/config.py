@@ -82,13 +82,18 @@ class DataConfig:
     image_size: int = ranged(224, ge=1)
     num_workers: int = ranged(0, ge=0)
     on_error: str = "stop"  # stop: a bad item is a one-line error | skip: bad items are passed over and counted
+    # where streamed training images are decoded and augmented: auto (the training GPU when training on
+    # CUDA, else the loader) | cpu (the loader's workers) | cuda (the training GPU; refused without one)
+    decode_device: str = "auto"
 
     def __post_init__(self) -> None:
         from retrieval.data.skips import ON_ERROR
         from retrieval.data.sources import make_source_options, source_type  # the data package loads torch
+        from retrieval.transforms import check_decode_device
 
         if self.on_error not in ON_ERROR:
             raise ConfigError(f"data.on_error: must be {' or '.join(ON_ERROR)}, got {self.on_error!r}")
+        check_decode_device(self.decode_device)
 
         options = self.source_options
         if options is None or isinstance(options, dict):
@@ -223,6 +228,10 @@ class Config:
         if self.train.backbone_lr is not None and self.model.freeze_backbone:
             raise ConfigError("train.backbone_lr: set, but model.freeze_backbone is true, so no backbone trains; "
                               "set model.freeze_backbone=false or drop train.backbone_lr")
+        if self.data.decode_device == "cuda" and self.model.freeze_backbone and self.train.cache_features:
+            raise ConfigError("data.decode_device: 'cuda' decodes the images streamed for end-to-end training, but "
+                              "this run trains on cached features (model.freeze_backbone and train.cache_features); "
+                              "use auto or cpu")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -1,4 +1,5 @@
-"""Encode the images of a shard set: eval transforms, batched forward passes, a progress bar."""
+"""Encode the images of a shard set: eval transforms (``retrieval.transforms``), batched forward passes,
+a progress bar."""
 
 from __future__ import annotations
 
@@ -13,24 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision import transforms as T
 
 from retrieval.data import Sample, iter_samples
 from retrieval.data.pipeline import Handler, raise_data_error
 from retrieval.io import atomic_path
 from retrieval.progress import progress_bar
-
-
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Resize the short side, center-crop, normalise: what every image sees outside training."""
-    return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
-                      T.Normalize(mean, std)])
-
-
-def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Light augmentation for end-to-end fine-tuning."""
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.6, 1.0)), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(mean, std)])
+from retrieval.transforms import eval_transform
 
 
 @dataclass

@@ -8,18 +8,14 @@ the header is checked before any pixel is decoded. The default cap is PIL's own
 from __future__ import annotations
 
 import os
-import warnings
 from typing import BinaryIO
 
 from PIL import Image
 
-from retrieval.data.images import image_error_text
+from retrieval.data.images import ImageTooLarge, image_error_text, open_within_limit, pixel_limit
 from retrieval.errors import ConfigError, QueryError
 
-
-def pixel_limit() -> int | None:
-    """PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; None when it was switched off)."""
-    return Image.MAX_IMAGE_PIXELS
+__all__ = ["check_pixel_limit", "open_image", "pixel_limit"]
 
 
 def check_pixel_limit(value: int | str, field: str) -> int:
@@ -36,13 +32,6 @@ def check_pixel_limit(value: int | str, field: str) -> int:
     return number
 
 
-def too_many_pixels(name: str, limit: int, size: tuple[int, int] | None = None) -> QueryError:
-    """The one-line refusal of an image over ``limit`` pixels."""
-    found = f" is {size[0]}×{size[1]} = {size[0] * size[1]:,} pixels and" if size else ""
-    return QueryError(f"image {name}{found} exceeds the limit of {limit:,} pixels ({limit / 1e6:.3g} megapixels; "
-                      "a guard against decompression bombs); use a smaller image")
-
-
 def open_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None,
                max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode ``source`` (a path or a binary file object such as an upload's bytes).
@@ -52,18 +41,11 @@ def open_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None,
     ``QueryError`` naming it.
     """
     name = name if name is not None else os.fspath(source) if isinstance(source, (str, os.PathLike)) else "upload"
-    limit = pixel_limit() if max_pixels is None else max_pixels
     try:
-        with warnings.catch_warnings():  # PIL only warns between its limit and twice it: refuse those too
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(source)
-            if limit is not None and image.size[0] * image.size[1] > limit:
-                raise too_many_pixels(name, limit, image.size)
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own limit, checked first
-        raise too_many_pixels(name, min(value for value in (limit, pixel_limit()) if value)) from None
-    except QueryError:
-        raise
+        image = open_within_limit(source, max_pixels)
+        image.load()
+    except ImageTooLarge as error:
+        raise QueryError(error.describe(f"image {name}")) from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:  # what PIL raises for a damaged or foreign file
         raise QueryError(f"cannot read image {name}: {image_error_text(error)}") from None
     return image

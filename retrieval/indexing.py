@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from gensim.parsing.preprocessing import STOPWORDS
+from torchvision.transforms.v2.functional import to_pil_image
 from tqdm.auto import tqdm
 
 from retrieval.checkpoint import LoadedModel, load_checkpoint
@@ -30,7 +31,7 @@ THUMBNAIL_SIZE = 192
 
 def write_thumbnail(sample: Sample, out_dir: IndexDir) -> str:
     """Save a small JPEG of ``sample`` in the thumbnails of ``out_dir``; returns its path relative to ``out_dir``."""
-    image = sample.image.convert("RGB")
+    image = to_pil_image(sample.image)  # uint8 RGB tensor → PIL, for its thumbnail and JPEG writer
     image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     relative = out_dir.thumbnail_name(sample.key)
     buffer = io.BytesIO()

@@ -267,13 +267,15 @@ def plot_examples(results: ComparisonResults, thumbnails: dict, path: Path) -> P
 
 def load_thumbnails(shards: Iterable[str], keys: set[str], size: int = 128) -> dict:
     """RGB thumbnails (numpy arrays) of the images with these keys; shards that are gone give none."""
+    from torchvision.transforms.v2.functional import to_pil_image
+
     from retrieval.data import iter_samples
 
     found = {}
     try:
         for sample in iter_samples(list(shards)):
             if sample.key in keys:
-                image = sample.image.convert("RGB")
+                image = to_pil_image(sample.image)
                 scale = size / max(image.size)  # small images (Fashion-MNIST's 28 px) are enlarged too
                 image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
                 square = Image.new("RGB", (size, size), "white")  # letterboxed: every cell the same shape

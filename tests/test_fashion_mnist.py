@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from retrieval.config import load_config
@@ -185,12 +186,12 @@ def test_shards_round_trip(fmnist_dir: Path, tmp_path: Path) -> None:
     samples = list(iter_samples(list_shards(tmp_path / "items", "val")))
     by_key = {r.key: r for r in records}
     for sample in samples:
-        assert sample.image.size == (28, 28) and sample.image.mode == "RGB"
+        assert sample.image.shape == (3, 28, 28) and sample.image.dtype == torch.uint8  # RGB
         assert sample.captions == list(by_key[sample.key].captions) and sample.meta == by_key[sample.key].meta
     assert sum(bool(s.meta.get("zero_shot")) for s in samples) == 4
     scenes = records_from_fashion_mnist_scenes(fmnist_dir, scene_count=12, val_fraction=0.5)
     assert write_shards(scenes, tmp_path / "scenes", split_by="split", progress=False).counts == {"train": 6, "val": 6}
-    assert next(iter(iter_samples(list_shards(tmp_path / "scenes", "train")))).image.size == (56, 56)
+    assert next(iter(iter_samples(list_shards(tmp_path / "scenes", "train")))).image.shape == (3, 56, 56)
 
 
 def test_prepare_from_config(fmnist_dir: Path, tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms as T
 import webdataset as wds
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from retrieval.data import (
     Sample,
@@ -27,7 +27,11 @@ from retrieval.data.pipeline import decode, pick_caption, shuffle_samples, shuff
 from retrieval.errors import DataError
 
 N = 8  # image N-1 has no known caption and must be dropped
-TRANSFORM = T.Compose([T.Resize((8, 8)), T.ToTensor()])
+
+
+def TRANSFORM(image: torch.Tensor, seed: int) -> torch.Tensor:  # noqa: N802 - the pipeline's transform
+    """uint8 (3, H, W) → float (3, 8, 8) in [0, 1]; the sample seed is not used."""
+    return F.to_dtype(F.resize(image, [8, 8], antialias=True), torch.float32, scale=True)
 
 
 def color(i: int) -> tuple[int, int, int]:
@@ -73,9 +77,9 @@ def run(pipe) -> list[tuple[str, tuple]]:  # type: ignore[no-untyped-def]
 def test_iter_samples_in_order(shards: list[str]) -> None:
     samples = list(iter_samples(shards))
     assert [s.key for s in samples] == [f"k{i}" for i in range(N)]
-    assert all(s.image.mode == "RGB" for s in samples)
+    assert all(s.image.dtype == torch.uint8 and s.image.shape == (3, 9, 10 + i) for i, s in enumerate(samples))
     assert samples[3].captions == caption_list(3) and samples[3].meta == {"i": 3}
-    assert samples[2].image.getpixel((0, 0)) == color(2)  # PNG: lossless
+    assert tuple(samples[1].image[:, 0, 0].tolist()) == color(1)  # PNG: lossless
 
 
 def test_pairs_match_caption_vectors_and_images(shards: list[str]) -> None:
@@ -142,14 +146,14 @@ def test_shuffle_stages_on_lists() -> None:
 
 
 def test_pick_caption_drops_and_counts() -> None:
-    image = Image.new("RGB", (4, 4))
+    image = torch.zeros(3, 4, 4, dtype=torch.uint8)
     samples = [Sample(f"k{i}", image, caption_list(i)) for i in (0, N - 1, 1)]
     counts: dict[str, int] = {}
     out = list(pick_caption(VectorTable(), seed=0, counts=counts)(iter(samples)))
     assert [s.key for s, _ in out] == ["k0", "k1"]
     assert counts == {"kept": 2, "no_caption": 1}
-    tuples = list(to_train_tuple(T.ToTensor())(iter(out)))
-    assert tuples[0][0].shape == (3, 4, 4) and tuples[1][2] == "k1"
+    tuples = list(to_train_tuple(TRANSFORM)(iter(out)))
+    assert tuples[0][0].shape == (3, 8, 8) and tuples[1][2] == "k1"
 
 
 def test_decode_errors_name_shard_and_key() -> None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -85,7 +86,7 @@ def test_round_trip_per_source(tmp_path: Path, kind: str) -> None:
         assert json.loads(sample["json"]) == {"key": record.key, "captions": list(record.captions), "meta": record.meta}
     decoded = {s.key: s for s in iter_samples(shards)}
     assert {k: tuple(s.captions) for k, s in decoded.items()} == {k: v[1] for k, v in expected.items()}
-    assert all(s.image.mode == "RGB" for s in decoded.values())
+    assert all(s.image.dtype == torch.uint8 and s.image.shape[0] == 3 for s in decoded.values())  # RGB
     assert manifest.counts["train"] + manifest.counts["val"] == len(expected)
     assert manifest.captions["train"] + manifest.captions["val"] == sum(len(v[1]) for v in expected.values())
     assert read_manifest(tmp_path / "shards") == manifest and manifest.source == f"{kind}:x"

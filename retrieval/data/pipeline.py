@@ -3,10 +3,14 @@
 The training stages are plain generator functions wrapped with ``wds.pipelinefilter`` (so each can
 be tested on a list). Their randomness comes from one ``EpochSeed`` shared by the pipeline:
 the same seed and epoch give the same order, and ``make_loader`` starts a new epoch per pass.
+A sample's augmentation draws from its own seed (``EpochSeed.sample_seed``: seed, epoch and key only),
+so its crop and flip do not depend on worker count, rank, batch position or torch's global generator.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -19,9 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
-from retrieval.data.images import image_error_text
+from retrieval.data.images import ImageTooLarge, decode_image_bytes, image_error_text, open_within_limit
 from retrieval.data.shards import SHORT_SHARD, check_samples_read
 from retrieval.data.skips import BadItem, SkippedItems
 from retrieval.data.sources import IMAGE_EXTS, wds_error_text
@@ -33,11 +36,23 @@ Handler = Callable[[Exception], bool]
 
 
 @dataclass
+class EncodedImage:
+    """A sample's image still encoded, its header read and checked against the pixel cap: what the loader
+    hands over when the batch is decoded on the training device (``retrieval.transforms.BatchDecoder``)."""
+
+    data: bytes
+    format: str  # PIL's name of the format: JPEG, PNG, ...
+    mode: str  # PIL's mode from the header: RGB (YCbCr JPEG), L, CMYK, RGBA, P, ...
+    where: str  # shard and sample, for error messages
+    seed: int = 0  # the sample's augmentation seed (EpochSeed.sample_seed), set by the to_train_tuple stage
+
+
+@dataclass
 class Sample:
-    """One decoded shard sample."""
+    """One shard sample: its image decoded (uint8 RGB tensor, 3 × H × W) or still encoded, captions and meta."""
 
     key: str
-    image: Image.Image
+    image: torch.Tensor | EncodedImage
     captions: list[str]
     meta: dict = field(default_factory=dict)
 
@@ -97,6 +112,11 @@ class EpochSeed:
             parts += [rank, worker]
         return random.Random(":".join(str(p) for p in parts))
 
+    def sample_seed(self, key: str, stage: str = "augment") -> int:
+        """A 64-bit seed for one sample's own draws in ``stage``: a function of seed, epoch and key alone."""
+        digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{stage}:{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "little")
+
 
 def _rng(seed: int | EpochSeed, stage: str, per_worker: bool = True) -> random.Random:
     state = seed if isinstance(seed, EpochSeed) else EpochSeed(int(seed))
@@ -154,27 +174,43 @@ def _sample_info(sample: dict) -> dict:
     return info
 
 
-def decode_sample(sample: dict) -> Sample:
-    """A raw tar sample (``__key__``, image member, ``json``) as a ``Sample`` with an RGB image."""
+def bad_image(where: str, error: Exception) -> BadItem:
+    """The one-line ``BadItem`` of an image that does not decode, or is over the pixel cap, at ``where``."""
+    if isinstance(error, ImageTooLarge):
+        return BadItem(f"{where}: {error.describe('image')}", "image over the pixel limit", where)
+    return BadItem(f"{where}: image does not decode: {image_error_text(error)}", "image does not decode", where)
+
+
+def encoded_image(data: bytes, where: str) -> EncodedImage:
+    """``data`` as an :class:`EncodedImage`, after reading its header and checking the pixel cap (no pixel decoded)."""
+    with open_within_limit(io.BytesIO(data)) as image:
+        return EncodedImage(data, str(image.format), image.mode, where)
+
+
+def decode_sample(sample: dict, keep_encoded: bool = False) -> Sample:
+    """A raw tar sample (``__key__``, image member, ``json``) as a ``Sample`` with a uint8 RGB image tensor.
+
+    With ``keep_encoded`` the image stays an :class:`EncodedImage` (header checked, for decoding on the
+    device). An image over the pixel cap or one that does not decode is a one-line ``BadItem``.
+    """
     where = _sample_where(sample)
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise BadItem(f"{where}: no image member ({', '.join(IMAGE_EXTS)})", "sample lacks a member", where)
     info = _sample_info(sample)
     try:
-        with Image.open(io.BytesIO(sample[ext])) as raw:
-            image = raw.convert("RGB")
-    except Exception as exc:  # PIL raises many types
-        raise BadItem(f"{where}: image does not decode: {image_error_text(exc)}", "image does not decode",
-                      where) from None
+        image = encoded_image(sample[ext], where) if keep_encoded else decode_image_bytes(sample[ext])
+    except Exception as exc:  # PIL and torchvision raise many types
+        raise bad_image(where, exc) from None
     return Sample(key=str(info.get("key", sample["__key__"])), image=image, captions=info["captions"],
                   meta=info["meta"])
 
 
-def _decode(data: Iterable[dict], handler: Handler = raise_data_error) -> Iterator[Sample]:
+def _decode(data: Iterable[dict], handler: Handler = raise_data_error, keep_encoded: bool = False
+            ) -> Iterator[Sample]:
     for sample in data:
         try:
-            yield decode_sample(sample)
+            yield decode_sample(sample, keep_encoded)
         except Exception as exn:
             if not handler(exn):
                 break
@@ -204,13 +240,22 @@ def _pick_caption(
 
 def _to_train_tuple(
     data: Iterable[tuple[Sample, torch.Tensor]],
-    transform: Callable[[Image.Image], Any],
+    transform: Callable[[torch.Tensor, int], Any] | None,
     handler: Handler = raise_data_error,
+    seed: int | EpochSeed = 0,
 ) -> Iterator[tuple[Any, torch.Tensor, str]]:
-    """Apply ``transform`` to the image: ``(image_tensor, vector, key)``."""
+    """``(transform(image, sample seed), vector, key)``; the sample seed is ``EpochSeed.sample_seed(key)``.
+
+    With ``transform`` None the image stays encoded and carries its sample seed: ``(EncodedImage, vector, key)``.
+    """
+    state = seed if isinstance(seed, EpochSeed) else EpochSeed(int(seed))
     for sample, vector in data:
         try:
-            image = transform(sample.image)
+            sample_seed = state.sample_seed(sample.key)
+            if transform is None:
+                image = dataclasses.replace(sample.image, seed=sample_seed)
+            else:
+                image = transform(sample.image, sample_seed)
         except Exception as exn:
             err = DataError(f"sample {sample.key}: transform failed: {type(exn).__name__}: {exn}".splitlines()[0])
             if not handler(err):
@@ -300,20 +345,26 @@ class TrainPipeline(wds.DataPipeline):
 def make_train_pipeline(
     shards: Sequence[str],
     *,
-    transform: Callable[[Image.Image], Any],
+    transform: Callable[[torch.Tensor, int], Any] | None = None,
     caption_vector: Callable[[str], np.ndarray | None],
     shuffle_buffer: int = 1000,
     seed: int = 0,
     resampled: bool = False,
     handler: Handler = raise_data_error,
+    keep_encoded: bool = False,
 ) -> TrainPipeline:
     """Shuffled training samples ``(image_tensor, vector float32, key)`` from ``shards``.
 
     Stages: shard shuffle (or resampling), split by node and worker, tar reading, buffered sample
-    shuffle, decoding to RGB, one random caption with a known vector (samples with none are
-    dropped and counted in ``pipeline.counts`` — per process), ``transform``. With ``resampled``
-    the stream is endless (use ``.with_epoch(n)``). ``handler`` gets every error (default: raise).
+    shuffle, decoding to uint8 RGB tensors, one random caption with a known vector (samples with none
+    are dropped and counted in ``pipeline.counts`` — per process), ``transform(image, sample seed)``.
+    With ``keep_encoded`` (and no ``transform``) images are not decoded: each is an ``EncodedImage``
+    with its header checked and its sample seed, for ``retrieval.transforms.BatchDecoder`` to decode and
+    augment the batch on the training device. With ``resampled`` the stream is endless (use
+    ``.with_epoch(n)``). ``handler`` gets every error (default: raise).
     """
+    if (transform is None) != keep_encoded:
+        raise ValueError("give a transform to decode in the loader, or keep_encoded=True without one")
     state = EpochSeed(seed)
     counts: dict[str, int] = {}
     if resampled:
@@ -325,9 +376,9 @@ def make_train_pipeline(
         *shard_stages,
         wds.tarfile_to_samples(handler=handler),
         shuffle_samples(bufsize=shuffle_buffer, seed=state),
-        decode(handler=handler),
+        decode(handler=handler, keep_encoded=keep_encoded),
         pick_caption(caption_vector, seed=state, counts=counts),
-        to_train_tuple(transform, handler=handler),
+        to_train_tuple(transform, handler=handler, seed=state),
         seed_state=state,
         counts=counts,
     )
@@ -360,8 +411,13 @@ def _one_line_errors(batches: Iterator[Any]) -> Iterator[Any]:
 
 
 def collate_batch(samples: Sequence[tuple[Any, torch.Tensor, str]]) -> tuple[Any, torch.Tensor, list[str]]:
-    """``(image, vector, key)`` tuples → ``(images (B, ...), vectors (B, D), keys list)``."""
+    """``(image, vector, key)`` tuples → ``(images (B, ...), vectors (B, D), keys list)``.
+
+    Encoded images stay a list of ``EncodedImage`` (decoded per batch on the training device).
+    """
     images, vectors, keys = zip(*samples)
+    if isinstance(images[0], EncodedImage):
+        return list(images), torch.stack(vectors), list(keys)
     return torch.utils.data.default_collate(list(images)), torch.stack(vectors), list(keys)
 
 
@@ -369,8 +425,11 @@ def make_loader(pipeline: wds.DataPipeline, batch_size: int, num_workers: int = 
     """Batches ``(images (B, ...), vectors (B, D), keys list)``; each worker reads its own shards.
 
     Batches are built per worker (the last one of a worker may be short). Each pass over the
-    loader is the next epoch of ``pipeline`` (fresh, reproducible shuffles).
+    loader is the next epoch of ``pipeline`` (fresh, reproducible shuffles). The loader draws its
+    workers' base seed from a generator of its own, never from torch's global one, so starting an
+    epoch leaves the training RNG (dropout) as it was: a resumed run draws what an uninterrupted one does.
     """
     return EpochLoader(
-        pipeline, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_batch, persistent_workers=False
+        pipeline, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_batch, persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
     )
