@@ -9,6 +9,7 @@ the shards through the webdataset pipeline with augmentation, end to end. Both y
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from retrieval.embed import (
     eval_transform,
     split_features,
 )
+from retrieval.errors import DataError
 from retrieval.evaluation import image_labels
 from retrieval.models import Backbone, ImageEncoder
 from retrieval.transforms import BatchDecoder, resolve_decode_device, train_transform
@@ -158,36 +160,63 @@ class CachedFeatureBatches(BatchSource):
 
 
 class StreamedImageBatches(BatchSource):
-    """Augmented images streamed from the shards each epoch, for end-to-end fine-tuning."""
+    """Augmented images streamed from the shards each epoch, for end-to-end fine-tuning.
+
+    In one process an epoch is one pass over the shards, as the DataLoader's workers read them (a
+    worker's last batch may be short). Under N ranks an epoch has a fixed length: every rank runs
+    ``known images // (N × train.batch_size)`` full batches from its own share of the shards, which it
+    cycles through (see :func:`retrieval.data.pipeline.make_train_pipeline`).
+    """
 
     def __init__(self, config: Config, backbone: Backbone, train_shards: list[str], val_shards: list[str],
-                 device: str, progress: bool = True, skipped: SkippedItems | None = None) -> None:
-        self.config, self.device, self.progress = config, device, progress
+                 device: str, progress: bool = True, skipped: SkippedItems | None = None,
+                 place: Distributed = SINGLE_PROCESS) -> None:
+        self.config, self.device, self.progress, self.place = config, device, progress, place
         self.handler = error_handler(skipped)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.mean, self.std = backbone.mean, backbone.std
         records = read_shard_records(train_shards, self.handler)
         self.train_set = EncodedCollection(torch.zeros(len(records), 0), [r["key"] for r in records],
                                            [r["captions"] for r in records], [r.get("meta", {}) for r in records])
+        self._vector_table: dict | None = None
+
+    def _caption_vectors(self, targets: CaptionTargets) -> dict:
+        """Caption text → vector for every training caption with a known vector (built once)."""
+        if self._vector_table is None:
+            self._vector_table = caption_vector_table(self.train_set.captions, targets.encode_batch)
+        return self._vector_table
 
     def steps_per_epoch(self, targets: CaptionTargets) -> int:
-        return -(-len(self.train_set.keys) // self.config.train.batch_size)
+        table = self._caption_vectors(targets)
+        usable = sum(any(caption in table for caption in captions) for captions in self.train_set.captions)
+        batch_size = self.config.train.batch_size
+        if not self.place.active:  # one pass; a worker's last batch may be short, so this is the usual count
+            return max(1, -(-usable // batch_size))
+        steps = usable // (self.place.world_size * batch_size)
+        if steps < 1:
+            raise DataError(f"{usable} training images with known captions in {self.config.data.shard_dir} do not fill "
+                            f"one batch of {batch_size} on each of {self.place.world_size} processes; lower "
+                            "train.batch_size or use fewer processes")
+        return steps
 
     def batches(self, epoch: int, targets: CaptionTargets, start_batch: int = 0) -> Iterable[Batch]:
         """(images, caption vectors, labels) streamed from the shards with augmentation (the loop's log shows the
-        epoch's progress)."""
-        return self._stream(epoch, targets)
+        epoch's progress). ``start_batch`` k: the epoch is read again from its start and its first k batches are
+        passed over after decoding (every sample's crop depends only on its seed, epoch and key, so the batches
+        from k on are those of an uninterrupted epoch)."""
+        return itertools.islice(self._stream(epoch, targets), start_batch, None)
 
     def _stream(self, epoch: int, targets: CaptionTargets) -> Iterator[Batch]:
-        table = caption_vector_table(self.train_set.captions, targets.encode_batch)
+        table = self._caption_vectors(targets)
         index_of = {key: i for i, key in enumerate(self.train_set.keys)}
         train = self.config.train
         augment = train_transform(self.config.data.image_size, self.mean, self.std)
         decode_device = resolve_decode_device(self.config.data.decode_device, self.device)  # None: in the loader
+        fixed = self.steps_per_epoch(targets) if self.place.active else None
         pipeline = make_train_pipeline(self.train_shards, transform=None if decode_device else augment,
                                        keep_encoded=decode_device is not None, caption_vector=table.get,
                                        shuffle_buffer=train.shuffle_buffer, seed=train.seed + epoch - 1,
-                                       handler=self.handler)
+                                       handler=self.handler, batches_per_rank=fixed, batch_size=train.batch_size)
         loader = make_loader(pipeline, train.batch_size, self.config.data.num_workers)
         to_images = BatchDecoder(augment, decode_device or "cpu", self.handler)  # decodes encoded batches there
         for images, vectors, keys in map(to_images, loader):
@@ -214,4 +243,4 @@ def batch_source(config: Config, backbone: Backbone, train_shards: list[str], va
     """
     if config.model.freeze_backbone and config.train.cache_features:
         return CachedFeatureBatches(config, backbone, train_shards, val_shards, device, progress, skipped, place)
-    return StreamedImageBatches(config, backbone, train_shards, val_shards, device, progress, skipped)
+    return StreamedImageBatches(config, backbone, train_shards, val_shards, device, progress, skipped, place)

@@ -173,6 +173,17 @@ class Optimization:
         self.pending += 1
         if self.pending < self.accumulation and not close_cycle:
             return False
+        return self._apply()
+
+    def finish_cycle(self) -> bool:
+        """Step with the gradients of a cycle left unfinished (a pass of unknown length ended inside one).
+
+        Returns whether there was one. (Under DDP the loop closes the cycle on the epoch's known last batch
+        instead, so that its gradients are synchronised.)"""
+        return self._apply() if self.pending else False
+
+    def _apply(self) -> bool:
+        """The optimizer step at the end of a cycle."""
         self.pending = 0
         self.completed_steps += 1
         if self.train.grad_clip_norm is not None:

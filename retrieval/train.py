@@ -307,7 +307,7 @@ class Trainer:
         checkpoint_every = self.config.train.checkpoint_every
         self.log.start_epoch(epoch, self.steps_per_epoch - position.batch)
         batches = self.source.batches(epoch, self.targets, start_batch=position.batch)
-        images = 0  # images (all ranks) since the last optimizer step
+        images, loss = 0, float("nan")  # images (all ranks) since the last optimizer step; the last batch's loss
         for inputs, targets, labels in batches:
             images += len(inputs) * self.place.world_size
             inputs = self.optimization.prepare_inputs(inputs.to(self.device, non_blocking=True))
@@ -329,6 +329,9 @@ class Trainer:
                 if checkpoint_every and position.step % checkpoint_every == 0 and position.batch < self.steps_per_epoch:
                     progress.seconds = time.perf_counter() - started
                     self.save_training_state(position, progress, epoch_start)
+        if self.optimization.finish_cycle():  # a single-process stream can end before its counted last batch
+            position.step += 1
+            self.log.log_step(position.step, epoch, loss, self.optimization.lr, images=images)
         if progress.batches == 0:
             raise DataError(f"epoch {epoch} saw no training batch; check {self.config.data.shard_dir}")
         progress.seconds = time.perf_counter() - started

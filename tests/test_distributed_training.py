@@ -142,3 +142,27 @@ def test_resume_is_refused_without_a_training_state_or_with_another_config(sampl
     finished = run_train(write_config(run, sample_shards, "train.epochs=1"), "--resume", expect_ok=False)
     assert finished.returncode != 0 and "already finished" in finished.stderr
 
+
+
+STREAMED = ("model.backbone=resnet18", "model.weights=random", "model.freeze_backbone=false", "data.image_size=32",
+            "train.eval_every=2", "loss={name: triplet, margin: 0.4, negatives: soft}")
+
+
+def test_streamed_fine_tuning_under_two_processes_has_a_fixed_epoch_and_resumes_exactly(sample_shards, tmp_path):
+    """26 training photos, 4 per rank and step: 3 full steps per epoch on both ranks; killed mid-epoch 2, resumed."""
+    settings = ("train.batch_size=4", "train.epochs=2", "train.checkpoint_every=2", "train.shuffle_buffer=8")
+    whole = tmp_path / "whole"
+    save_config(demo_config(whole, f"data.shard_dir={sample_shards}", *STREAMED, *settings),
+                whole.parent / "whole.yaml")
+    run_train(whole.parent / "whole.yaml", processes=2)
+    expected = logged_losses(whole)
+    assert sorted(expected) == list(range(1, 7))  # 26 // (2 × 4) = 3 steps per epoch
+    killed = tmp_path / "killed"
+    save_config(demo_config(killed, f"data.shard_dir={sample_shards}", *STREAMED, *settings),
+                killed.parent / "killed.yaml")
+    died = run_train(killed.parent / "killed.yaml", processes=2, kill_at_step=4, expect_ok=False)
+    assert died.returncode != 0 and max(logged_losses(killed)) >= 4
+    run_train(killed.parent / "killed.yaml", "--resume", processes=2)
+    assert logged_losses(killed) == expected
+    for name, weight in trained_weights(whole).items():
+        assert torch.equal(trained_weights(killed)[name], weight), name

@@ -195,3 +195,35 @@ def test_worker_errors_stay_one_line(tmp_path: Path, shards: list[str]) -> None:
     loader = make_loader(pipeline([*shards, str(bad)]), batch_size=2, num_workers=2)
     with pytest.raises(DataError, match=r"^cannot read shard data: \S*train-000009\.tar: invalid header$"):
         list(loader)
+
+
+def shard_keys(shard: str) -> set[str]:
+    return {key for key, _ in run(make_train_pipeline([shard], transform=TRANSFORM, caption_vector=VectorTable(),
+                                                      shuffle_buffer=0))}
+
+
+@pytest.mark.parametrize("rank,worker,quota", [(0, 0, 4), (0, 1, 2), (1, 0, 4), (1, 1, 2)])
+def test_a_fixed_epoch_gives_each_rank_and_worker_its_quota_from_its_own_shard(shards, monkeypatch, rank, worker,
+                                                                                 quota):
+    """2 ranks × 2 workers over 4 shards, 3 batches of 2 per rank: workers yield 2 and 1 batches, each from one
+    shard of its own (cycled: the shard holding the dropped image has one usable sample, read again and again)."""
+    keys_of = {shard: shard_keys(shard) for shard in shards}  # read before ranks and workers are faked
+    monkeypatch.setattr(wds.utils, "pytorch_worker_info", lambda group=None: (rank, 2, worker, 2))
+    keys = [key for key, _ in run(pipeline(shards, batches_per_rank=3, batch_size=2))]
+    assert len(keys) == quota
+    owners = [shard for shard in shards if set(keys) <= keys_of[shard]]
+    assert len(owners) == 1  # one shard per (rank, worker) ...
+    taken = set()
+    for other_rank, other_worker in itertools.product(range(2), range(2)):
+        monkeypatch.setattr(wds.utils, "pytorch_worker_info", lambda group=None, r=other_rank, w=other_worker:
+                            (r, 2, w, 2))
+        first = run(pipeline(shards, batches_per_rank=3, batch_size=2))[0][0]
+        taken.add(next(shard for shard in shards if first in keys_of[shard]))
+    assert len(taken) == 4  # ... and no two of them share one
+
+
+def test_a_fixed_epoch_through_the_loader_is_exactly_that_many_full_batches(shards):
+    loader = make_loader(pipeline(shards, batches_per_rank=5, batch_size=2), batch_size=2, num_workers=2)
+    batches = list(loader)
+    assert [len(keys) for _, _, keys in batches] == [2] * 5
+    assert [len(keys) for _, _, keys in loader] == [2] * 5  # the next epoch too

@@ -140,6 +140,41 @@ def _resample_shards(data: Iterable[dict], seed: int | EpochSeed = 0) -> Iterato
         yield {"url": rng.choice(urls)}
 
 
+def _cycle_rank_shards(data: Iterable[dict], seed: int | EpochSeed = 0) -> Iterator[dict]:
+    """This rank's and this worker's share of the (already shuffled) shard list, cycled forever.
+
+    Rank r of N takes every N-th shard from the r-th, worker w of W every W-th of those, so within a
+    pass no two (rank, worker) pairs read the same shard. Each pass goes through the share in a new
+    order. A rank (or worker) left without a shard, when there are fewer shards than ranks (workers),
+    reads from the whole list (its rank's list) instead: some shards are then read by two of them.
+    """
+    urls = [d["url"] for d in data]
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    rank_urls = urls[rank::world] or urls
+    mine = rank_urls[worker::workers] or rank_urls
+    if not mine:
+        return
+    rng = _rng(seed, "cycle")
+    while True:
+        order = list(mine)
+        rng.shuffle(order)
+        for url in order:
+            yield {"url": url}
+
+
+def _worker_quota(data: Iterable[Any], batches: int = 1, batch_size: int = 1) -> Iterator[Any]:
+    """The samples of this worker's share of ``batches`` full batches per rank (the DataLoader takes batches from
+    its workers in turn, so worker w of W gets every W-th: ``batches // W``, plus one for the first ``batches % W``)."""
+    _, _, worker, workers = wds.utils.pytorch_worker_info()
+    quota = (batches // workers + (1 if worker < batches % workers else 0)) * batch_size
+    if quota <= 0:
+        return
+    for count, sample in enumerate(data, start=1):
+        yield sample
+        if count >= quota:
+            return
+
+
 def _shuffle_samples(data: Iterable[Any], bufsize: int = 1000, seed: int | EpochSeed = 0) -> Iterator[Any]:
     """Shuffle a stream through a buffer of ``bufsize`` items (``bufsize <= 1`` passes it through)."""
     rng, buf = _rng(seed, "samples"), []
@@ -274,6 +309,8 @@ def _count_samples(data: Iterable[dict], read: dict[str, int]) -> Iterator[dict]
 shuffle_shards = wds.pipelinefilter(_shuffle_shards)
 resample_shards = wds.pipelinefilter(_resample_shards)
 shuffle_samples = wds.pipelinefilter(_shuffle_samples)
+cycle_rank_shards = wds.pipelinefilter(_cycle_rank_shards)
+worker_quota = wds.pipelinefilter(_worker_quota)
 decode = wds.pipelinefilter(_decode)
 pick_caption = wds.pipelinefilter(_pick_caption)
 to_train_tuple = wds.pipelinefilter(_to_train_tuple)
@@ -352,6 +389,8 @@ def make_train_pipeline(
     resampled: bool = False,
     handler: Handler = raise_data_error,
     keep_encoded: bool = False,
+    batches_per_rank: int | None = None,
+    batch_size: int = 1,
 ) -> TrainPipeline:
     """Shuffled training samples ``(image_tensor, vector float32, key)`` from ``shards``.
 
@@ -362,15 +401,24 @@ def make_train_pipeline(
     with its header checked and its sample seed, for ``retrieval.transforms.BatchDecoder`` to decode and
     augment the batch on the training device. With ``resampled`` the stream is endless (use
     ``.with_epoch(n)``). ``handler`` gets every error (default: raise).
+
+    ``batches_per_rank`` (distributed training) fixes the epoch: each rank cycles through its own share
+    of the shards (:func:`_cycle_rank_shards`) and its DataLoader workers together yield exactly that
+    many full batches of ``batch_size`` (:func:`_worker_quota`), so every rank runs the same number of steps.
     """
     if (transform is None) != keep_encoded:
         raise ValueError("give a transform to decode in the loader, or keep_encoded=True without one")
     state = EpochSeed(seed)
     counts: dict[str, int] = {}
+    if batches_per_rank is not None and resampled:
+        raise ValueError("batches_per_rank cycles each rank's own shards; it does not resample")
     if resampled:
         shard_stages = [resample_shards(seed=state)]
+    elif batches_per_rank is not None:
+        shard_stages = [shuffle_shards(seed=state), cycle_rank_shards(seed=state)]
     else:
         shard_stages = [shuffle_shards(seed=state), wds.split_by_node, wds.split_by_worker]
+    quota = [] if batches_per_rank is None else [worker_quota(batches=batches_per_rank, batch_size=batch_size)]
     return TrainPipeline(
         wds.SimpleShardList(_check_shards(shards)),
         *shard_stages,
@@ -379,6 +427,7 @@ def make_train_pipeline(
         decode(handler=handler, keep_encoded=keep_encoded),
         pick_caption(caption_vector, seed=state, counts=counts),
         to_train_tuple(transform, handler=handler, seed=state),
+        *quota,
         seed_state=state,
         counts=counts,
     )
