@@ -250,12 +250,7 @@ class Trainer:
                                             for item in random.getstate()]}
         if torch.device(self.device).type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(torch.device(self.device))
-        if self.loss.generator is not None:
-            state["loss"] = self.loss.generator.get_state()
-        source_state = self.source.random_state()
-        if source_state is not None:
-            state["source"] = source_state
-        return state
+        return {**state, **self._own_generators()}
 
     def _set_random_state(self, state: dict) -> None:
         torch.set_rng_state(state["torch"])
@@ -264,13 +259,10 @@ class Trainer:
         random.setstate((version, tuple(internal), gauss))
         if "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], torch.device(self.device))
-        if "loss" in state:
-            self.loss.generator.set_state(state["loss"])
-        if "source" in state:
-            self.source.set_random_state(state["source"])
+        self._set_own_generators(state)
 
-    def _epoch_start_state(self) -> dict:
-        """The generators an epoch's start draws from (loss bank refresh, source shuffle), to replay it on resume."""
+    def _own_generators(self) -> dict:
+        """The states of the loss's and the batch source's own generators (what an epoch's start draws from)."""
         state = {}
         if self.loss.generator is not None:
             state["loss"] = self.loss.generator.get_state()
@@ -279,23 +271,25 @@ class Trainer:
             state["source"] = source_state
         return state
 
+    def _set_own_generators(self, state: dict) -> None:
+        if "loss" in state:
+            self.loss.generator.set_state(state["loss"])
+        if "source" in state:
+            self.source.set_random_state(state["source"])
+
     # -- one epoch, evaluation, checkpoints --------------------------------------------------
     def _start_epoch(self, epoch: int, replay: dict | None) -> dict:
         """Run the epoch-start hooks; ``replay`` (resuming mid-epoch) first rewinds the generators they draw from.
 
         Returns the epoch-start state to save with step checkpoints."""
         if replay is None:
-            start_state = self._epoch_start_state()
+            start_state = self._own_generators()
             self.loss.on_epoch_start(epoch)
             return start_state
-        now = self._epoch_start_state()
-        if "loss" in replay:
-            self.loss.generator.set_state(replay["loss"])
-        if "source" in replay:
-            self.source.set_random_state(replay["source"])  # the epoch's shuffle is drawn again from here
+        now = self._own_generators()
+        self._set_own_generators(replay)  # the epoch's bank refresh and shuffle are drawn again from here
         self.loss.on_epoch_start(epoch)
-        if "loss" in now:
-            self.loss.generator.set_state(now["loss"])
+        self._set_own_generators({key: value for key, value in now.items() if key == "loss"})
         return replay
 
     def train_epoch(self, epoch: int, position: Position, progress: EpochProgress, replay: dict | None = None
