@@ -15,6 +15,7 @@ Needs the Fashion-MNIST files (Debian's ``dataset-fashion-mnist``, or ``FASHION_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import signal
@@ -59,17 +60,35 @@ def torchrun(config: Path, processes: int, *extra: str) -> list[str]:
             "-m", "pipelines.cli", "train", "--config", str(config), *extra]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        children = Path(f"/proc/{parent}/task/{parent}/children")
+        kids = [int(child) for child in children.read_text().split()] if children.exists() else []
+        found += kids
+        queue += kids
+    return found
+
+
 def run_until_killed(command: list[str], run_dir: Path, kill_at_step: int, log: Path) -> float:
-    """Start the job, SIGKILL its whole process group once ``kill_at_step`` steps are logged; seconds it ran."""
+    """Start the job and SIGKILL it with every process under it once ``kill_at_step`` steps are logged, as a
+    scheduler or a power cut would; returns the seconds it ran."""
     started = time.perf_counter()
     with open(log, "w") as output:
         job = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=output, stderr=subprocess.STDOUT,
                                start_new_session=True)
         while job.poll() is None and logged_steps(run_dir) < kill_at_step:
             time.sleep(1.0)
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+        victims = [*descendants(job.pid), job.pid] if job.poll() is None else []
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         job.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in victims) and time.monotonic() < deadline:
+            time.sleep(0.1)
     if logged_steps(run_dir) < kill_at_step:
         raise SystemExit(f"the training job ended before step {kill_at_step}; see {log}")
     return time.perf_counter() - started
