@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = steps_per_epoch * args.epochs
     kill_at = args.kill_at_step or int(total_steps * 0.6)
 
-    killed_seconds = run_until_killed(torchrun(config, args.processes, "--overwrite"), run_dir, kill_at,
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the kill is timed by its own steps.csv
+    killed_seconds = run_until_killed(torchrun(config, args.processes), run_dir, kill_at,
                                       args.workdir / "killed.log")
     steps_before_kill = logged_steps(run_dir)
     started = time.perf_counter()
