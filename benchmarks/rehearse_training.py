@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     env_note = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "torchrun's default (1)")}
 
     started = time.perf_counter()
-    if not (args.workdir / "shards").is_dir():
+    shards_reused = (args.workdir / "shards").is_dir()
+    if not shards_reused:
         subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", "--config", str(config)], cwd=PROJECT_ROOT,
                        check=True)
     prepare_seconds = time.perf_counter() - started
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "scenes": args.scenes, "train_shards": len(list_shards(args.workdir / "shards", "train")),
         "processes": args.processes, "batch_size_per_process": args.batch_size, "backbone": args.backbone,
         "image_size": 64, "steps": len(steps), "expected_steps": total_steps,
-        "prepare_seconds": round(prepare_seconds, 1), "killed_after_seconds": round(killed_seconds, 1),
+        "shards_reused": shards_reused, "prepare_seconds": None if shards_reused else round(prepare_seconds, 1),
+        "killed_after_seconds": round(killed_seconds, 1),
         "steps_logged_before_kill": steps_before_kill, "resume_seconds": round(resume_seconds, 1),
         "train_images_per_second": round(args.processes * args.batch_size * len(steps)
                                          / (killed_seconds + resume_seconds), 1),
