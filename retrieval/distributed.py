@@ -112,22 +112,6 @@ class Distributed:
         dist.all_gather_object(values, value)
         return values
 
-    def broadcast_object(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank."""
-        if not self.active:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_agree(self, ok: bool) -> bool:
-        """True on every rank when ``ok`` holds on every rank (so all ranks stop together)."""
-        if not self.active:
-            return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.long)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
 
 SINGLE_PROCESS = Distributed()
 

@@ -52,8 +52,7 @@ def test_a_single_process_gathers_and_agrees_with_itself():
     place = Distributed()
     local = torch.randn(3, 2, requires_grad=True)
     assert place.gather(local) is local and place.gather_sizes(3, "cpu") == [3]
-    assert place.gather_objects({"a": 1}) == [{"a": 1}] and place.broadcast_object(5) == 5
-    assert place.all_agree(True) and not place.all_agree(False)
+    assert place.gather_objects({"a": 1}) == [{"a": 1}]
     with place.main_first():
         pass
 
