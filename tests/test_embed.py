@@ -142,6 +142,32 @@ def test_thumbnail_tars_serve_each_key_by_offset_and_without_their_table(tmp_pat
     assert max(max(image.shape[1:]) for image in map(_decoded, jpegs.values())) == 192
 
 
+def test_an_index_built_from_embedding_shards_equals_one_built_from_the_shards(trained_run, tmp_path):
+    from retrieval.index import VectorIndex
+    from retrieval.indexing import build_index, build_index_from_embeddings
+    from retrieval.rundir import IndexDir
+
+    model = load_checkpoint(trained_run.best_checkpoint)
+    shards = all_shards(model)
+    embed_shards(model, shards, tmp_path / "emb", dtype="float32", batch_size=32, progress=False)
+    direct = IndexDir(build_index(model, shards, tmp_path / "direct", kind="flat"))
+    staged = IndexDir(build_index_from_embeddings(model, tmp_path / "emb", tmp_path / "staged", kind="flat"))
+    assert len(VectorIndex.load(staged.images)) == 51
+    for part in ("images", "captions"):
+        a, b = VectorIndex.load(getattr(direct, part)), VectorIndex.load(getattr(staged, part))
+        assert a.metadata_for(range(len(a))) == b.metadata_for(range(len(b)))
+        queries = np.random.default_rng(0).normal(size=(5, a.dim)).astype(np.float32)
+        found_a, found_b = a.search(queries, 10), b.search(queries, 10)
+        np.testing.assert_array_equal(found_a.ids, found_b.ids)
+        np.testing.assert_allclose(found_a.scores, found_b.scores, atol=1e-5)
+    assert json.loads(direct.vocabulary_file.read_text()) == json.loads(staged.vocabulary_file.read_text())
+    assert {p.name: p.read_bytes() for p in direct.thumbnails.iterdir()} == {
+        p.name: p.read_bytes() for p in staged.thumbnails.iterdir()}
+    other = load_checkpoint(trained_run.last_checkpoint)
+    with pytest.raises(DataError, match="another model"):
+        build_index_from_embeddings(other, tmp_path / "emb", tmp_path / "other")
+
+
 def _decoded(data: bytes) -> torch.Tensor:
     from retrieval.data.images import decode_image_bytes
 
