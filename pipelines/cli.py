@@ -10,6 +10,7 @@ from retrieval.errors import RetrievalError
 JOBS = {
     "prepare": "write webdataset shards from images + captions",
     "train": "train an image encoder against frozen caption vectors",
+    "embed": "encode shards into embedding shards (img_emb/*.npy + metadata parquet), under torchrun too",
     "index": "embed a shard set into a faiss index",
     "search": "query an index by text or by image",
     "evaluate": "all retrieval metrics of a checkpoint on held-out shards (JSON + table)",

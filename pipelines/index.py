@@ -16,8 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("train", "val", "all"), help="shard split to index (default: config)")
     parser.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), help="index type (default: config)")
     parser.add_argument("--out", type=Path, help="index directory (default: <run>/index)")
+    parser.add_argument("--embeddings", type=Path, help="index this embedding folder of `retrieval embed` instead "
+                        "of encoding the shards (--split does not apply)")
     args = parser.parse_args(argv)
+    if args.embeddings is not None and args.split is not None:
+        parser.error("--split chooses shards to encode; with --embeddings the folder's shards are indexed")
     out = index_run(args.run, checkpoint=args.checkpoint, split=args.split, out=args.out, kind=args.kind,
-                    device=resolve_device("auto"))
+                    device=resolve_device("auto"), embeddings=args.embeddings)
     print(f"index written to {out}")
     return 0

@@ -5,14 +5,12 @@ The index folder (its layout: :class:`retrieval.rundir.IndexDir`) is written ato
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from gensim.parsing.preprocessing import STOPWORDS
-from torchvision.transforms.v2.functional import to_pil_image
 from tqdm.auto import tqdm
 
 from retrieval.checkpoint import LoadedModel, load_checkpoint
@@ -21,22 +19,19 @@ from retrieval.data.pipeline import error_handler
 from retrieval.data.skips import SkippedItems, skipped_summary
 from retrieval.distances import search_distance
 from retrieval.embed import encode_shards, eval_transform, known_captions
+from retrieval.embedding_shards import EmbeddingDir, iter_embedding_shards
+from retrieval.errors import DataError
 from retrieval.index import VectorIndex
 from retrieval.io import atomic_dir
 from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
 from retrieval.text import tokenize
-
-THUMBNAIL_SIZE = 192
+from retrieval.thumbnails import ThumbnailReader, thumbnail_jpeg
 
 
 def write_thumbnail(sample: Sample, out_dir: IndexDir) -> str:
     """Save a small JPEG of ``sample`` in the thumbnails of ``out_dir``; returns its path relative to ``out_dir``."""
-    image = to_pil_image(sample.image)  # uint8 RGB tensor → PIL, for its thumbnail and JPEG writer
-    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     relative = out_dir.thumbnail_name(sample.key)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    out_dir.file(relative).write_bytes(buffer.getvalue())
+    out_dir.file(relative).write_bytes(thumbnail_jpeg(sample.image))
     return relative
 
 
@@ -76,31 +71,82 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
             staged.thumbnails.mkdir()
         collection = encode_shards(shards, model.embed_images, transform, device=device, desc="embedding images",
                                    visit=save_thumbnail if thumbnails else None, handler=error_handler(skipped))
-        texts, caption_vectors, owner, _ = known_captions(collection.captions, model.caption_encoder.encode_batch)
-        image_vectors = distance.to_search_space(collection.vectors.numpy().astype(np.float32))
-        caption_vectors = distance.to_search_space(caption_vectors.astype(np.float32))
-        metadata = [{"key": key, "captions": captions, "thumbnail": thumbs.get(key), "meta": meta}
-                    for key, captions, meta in zip(collection.keys, collection.captions, collection.meta)]
-        VectorIndex.build(image_vectors, metadata, kind=kind, metric=distance.faiss_metric,
-                          stamp=stamp).save(staged.images)
-        caption_meta = [{"caption": text, "key": collection.keys[i]} for text, i in zip(texts, owner)]
-        VectorIndex.build(caption_vectors, caption_meta, kind="flat", metric=distance.faiss_metric,
-                          stamp=stamp).save(staged.captions)
-        vocabulary = caption_vocabulary(texts, caption_vectors, model.caption_encoder)
-        staged.vocabulary_file.write_text(json.dumps(vocabulary))
+        write_index_files(staged, model, distance, kind, stamp, collection.vectors.numpy(), collection.keys,
+                          collection.captions, collection.meta, thumbs)
     if skipped is not None:
         tqdm.write(f"data.on_error=skip: {skipped_summary(skipped.counts())}")
     return out_dir
 
 
+def write_index_files(staged: IndexDir, model: LoadedModel, distance, kind, stamp: dict, vectors: np.ndarray,
+                      keys: list[str], captions: list[list[str]], meta: list[dict], thumbs: dict[str, str]) -> None:
+    """The image and caption indexes and the vocabulary of a collection's embeddings (rows of ``keys``)."""
+    texts, caption_vectors, owner, _ = known_captions(captions, model.caption_encoder.encode_batch)
+    image_vectors = distance.to_search_space(np.asarray(vectors, dtype=np.float32))
+    caption_vectors = distance.to_search_space(caption_vectors.astype(np.float32))
+    metadata = [{"key": key, "captions": item_captions, "thumbnail": thumbs.get(key), "meta": item_meta}
+                for key, item_captions, item_meta in zip(keys, captions, meta)]
+    VectorIndex.build(image_vectors, metadata, kind=kind, metric=distance.faiss_metric,
+                      stamp=stamp).save(staged.images)
+    caption_meta = [{"caption": text, "key": keys[i]} for text, i in zip(texts, owner)]
+    VectorIndex.build(caption_vectors, caption_meta, kind="flat", metric=distance.faiss_metric,
+                      stamp=stamp).save(staged.captions)
+    vocabulary = caption_vocabulary(texts, caption_vectors, model.caption_encoder)
+    staged.vocabulary_file.write_text(json.dumps(vocabulary))
+
+
+def build_index_from_embeddings(model: LoadedModel, embeddings: str | Path, out_dir: str | Path, *,
+                                kind: str | None = None, metric: str = "auto", thumbnails: bool = True) -> Path:
+    """Write the index folder from an embedding folder of ``retrieval embed`` (no image is decoded again).
+
+    The folder must have been encoded by ``model`` (its stamp is compared). Thumbnails come from its tars.
+    """
+    out_dir = Path(out_dir)
+    summary = EmbeddingDir(Path(embeddings)).read_summary()
+    stamp = index_stamp(model)
+    if {"model": summary.get("model"), "vectors": summary.get("vectors")} != stamp:
+        raise DataError(f"{embeddings}: encoded by another model (fingerprint {summary.get('model')}, this "
+                        f"checkpoint is {stamp['model']}); run retrieval embed with this checkpoint")
+    distance = search_distance(model.loss.distance, metric)
+    if kind in (None, model.config.index.kind):
+        kind = model.config.index.params
+    vectors, keys, captions, meta = [], [], [], []
+    for _, shard_vectors, rows in iter_embedding_shards(embeddings):
+        vectors.append(np.asarray(shard_vectors, dtype=np.float32))
+        keys += [row["key"] for row in rows]
+        captions += [list(row["captions"]) for row in rows]
+        meta += [row["meta"] for row in rows]
+    reader = ThumbnailReader(EmbeddingDir(Path(embeddings)).thumbnails) if thumbnails else None
+    with atomic_dir(out_dir) as tmp:
+        staged = IndexDir(tmp)
+        thumbs: dict[str, str] = {}
+        if reader is not None:
+            staged.thumbnails.mkdir()
+            for key in keys:
+                data = reader.get(key)
+                if data is not None:
+                    thumbs[key] = staged.thumbnail_name(key)
+                    staged.file(thumbs[key]).write_bytes(data)
+        dim = int(summary.get("dim") or model.caption_encoder.dim)
+        write_index_files(staged, model, distance, kind, stamp,
+                          np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
+                          keys, captions, meta, thumbs)
+    return out_dir
+
+
 def index_run(run_dir: str | Path, *, checkpoint: str = BEST_CHECKPOINT, split: str | None = None,
-              out: str | Path | None = None, kind: str | None = None, device: str = "cpu") -> Path:
+              out: str | Path | None = None, kind: str | None = None, device: str = "cpu",
+              embeddings: str | Path | None = None) -> Path:
     """Build a run's index (``<run>/index`` unless ``out`` is given) from its shards with one of its checkpoints.
 
     ``split``: train, val or all (default: the run's ``index.split``); ``kind``: default the run's ``index.kind``.
+    ``embeddings``: an embedding folder of ``retrieval embed`` to index instead of encoding the shards.
     """
     run = RunDir(run_dir)
     model = load_checkpoint(run.checkpoint(checkpoint), device=device)
+    if embeddings is not None:
+        return build_index_from_embeddings(model, embeddings, out or run.index.path,
+                                           kind=kind or model.config.index.kind, metric=model.config.index.metric)
     split = split or model.config.index.split
     splits = ("train", "val") if split == "all" else (split,)
     shards = [shard for name in splits for shard in list_shards(model.config.data.shard_dir, name)]

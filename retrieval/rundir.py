@@ -12,6 +12,7 @@ A run folder (``train.run_dir``)::
     report/evaluate.json      the report of ``retrieval evaluate``
     compare_run.json          a compare run's record (reused while its config is unchanged)
     index/                    the run's search index: an index folder
+    embeddings/               embedding shards of ``retrieval embed`` (:mod:`retrieval.embedding_shards`)
 
 Other files in a run folder (e.g. the demo's ``shards/``) are not part of the run: :meth:`RunDir.clear`
 leaves them.
@@ -55,6 +56,7 @@ REPORT_DIR = "report"
 EVALUATION_REPORT_FILE = "evaluate.json"
 COMPARE_RECORD_FILE = "compare_run.json"
 INDEX_DIR = "index"
+EMBEDDINGS_DIR = "embeddings"
 
 IMAGE_INDEX_DIR = "images"
 CAPTION_INDEX_DIR = "captions"
@@ -212,6 +214,11 @@ class RunDir(_Folder):
         """The run's default index folder."""
         return IndexDir(self.path / INDEX_DIR)
 
+    @property
+    def embeddings(self) -> Path:
+        """The run's default embedding folder (``retrieval embed``)."""
+        return self.path / EMBEDDINGS_DIR
+
     def holds_run(self) -> bool:
         """Whether a run was started or finished here: its config or a checkpoint is present."""
         return self.config_file.is_file() or bool(self.checkpoint_names()) or self.training_state.is_file()
@@ -224,7 +231,7 @@ class RunDir(_Folder):
         """
         named = [self.config_file, self.metrics_file, self.steps_file, self.tensorboard, self.checkpoints,
                  self.training_state,
-                 self.caption_word2vec, self.report, self.compare_record, self.index.path]
+                 self.caption_word2vec, self.report, self.compare_record, self.index.path, self.embeddings]
         found = [path for path in named if path.exists()]
         return found + [index.path for index in self.indexes() if index.path not in found]
 
