@@ -200,7 +200,11 @@ class Searcher:
 
     def image_to_text(self, image: Image.Image | str | Path, k: int = 5) -> ImageToText:
         """Nearest captions of the collection and nearest vocabulary words for an image."""
-        vector = self.image_vector(image)
+        return self.texts_near(self.image_vector(image), k)
+
+    def texts_near(self, vector: np.ndarray, k: int) -> ImageToText:
+        """Nearest captions and words of an image vector (``image_vector``): one encoder pass serves
+        :meth:`images_near` and this."""
         query = self._query(vector)
         result = self._search(self.captions, query, k)
         captions = [TextHit(item["caption"], float(score),
