@@ -23,7 +23,7 @@ import streamlit as st
 from PIL import Image
 
 from app.settings import AppSettings, checkpoint_file, default_checkpoint, find_checkpoints, find_indexes, load_settings
-from app.views import caption_list, image_grid, literal, model_card, show_error, word_list
+from app.views import caption_list, image_grid, literal, model_card, show_error, similarity_note, word_list
 from retrieval.errors import RetrievalError
 from retrieval.imagefile import open_image
 from retrieval.rundir import IndexDir, RunDir, RunsRoot
@@ -32,6 +32,7 @@ from retrieval.search import ImageHit, ImageToText, Searcher
 EXAMPLES = ("a red bus on the street", "a pizza on a table", "a man riding a skateboard", "bus - red + yellow")
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
 WARM_UP_QUERY = "a photo of a street"
+WARM_UP_IMAGE_SIZE = (64, 64)
 MAX_K = 50
 DEFAULT_K = 10
 
@@ -52,8 +53,9 @@ def _version(*paths: Path) -> tuple[float, ...]:
 def load_searcher(checkpoint: str, index: str, version: tuple[float, ...]) -> Searcher:
     """One Searcher per (checkpoint, index, file versions), shared by every session."""
     searcher = Searcher.open(checkpoint, index)
-    try:  # the first query of a process pays for page faults in the word vectors; pay it here
-        searcher.text_to_image(WARM_UP_QUERY, 1)
+    try:  # the first queries of a process pay for page faults in the word vectors and the image encoder's
+        searcher.text_to_image(WARM_UP_QUERY, 1)  # first pass (seconds on CPU): pay them here, once
+        searcher.image_to_image(Image.new("RGB", WARM_UP_IMAGE_SIZE, "gray"), 1)
     except RetrievalError:
         pass
     return searcher
@@ -61,9 +63,9 @@ def load_searcher(checkpoint: str, index: str, version: tuple[float, ...]) -> Se
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def describe_image(_searcher: Searcher, searcher_id: str, data: bytes, k: int) -> tuple[ImageToText, list[ImageHit]]:
-    """image→text and image→image for an upload, cached per (searcher, upload, k)."""
-    image = Image.open(io.BytesIO(data))
-    return _searcher.image_to_text(image, k), _searcher.image_to_image(image, k)
+    """image→text and image→image for an upload (one encoder pass), cached per (searcher, upload, k)."""
+    vector = _searcher.image_vector(Image.open(io.BytesIO(data)))
+    return _searcher.texts_near(vector, k), _searcher.images_near(vector, k)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -180,7 +182,8 @@ def text_search(searcher: Searcher, k: int) -> None:
         show_error(str(error))
         return
     elapsed_ms = (time.perf_counter() - started) * 1000
-    st.caption(f"{len(hits)} images for {literal(query)} · searched in {_ms(elapsed_ms)}")
+    st.caption(f"{len(hits)} images for {literal(query)} · searched in {_ms(elapsed_ms)} · "
+               f"{similarity_note(searcher.image_similarity)}")
     image_grid(hits)
 
 
@@ -210,7 +213,8 @@ def image_search(searcher: Searcher, searcher_id: str, k: int, max_pixels: int) 
         caption_list(described.captions)
         st.markdown("**Nearest words**")
         word_list(described.words)
-        st.caption(f"answered in {_ms(elapsed_ms)}")
+        st.caption(f"answered in {_ms(elapsed_ms)} · captions: {similarity_note(searcher.caption_similarity)} "
+                   "Words: cosine after centring on the mean caption.")
     st.subheader("Similar photos")
     image_grid(similar)
     if shift and shift.strip():

@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import streamlit as st
+from PIL import Image, ImageOps
 
 from retrieval.losses import describe_loss
-from retrieval.search import ImageHit, Searcher, TextHit
+from retrieval.search import SIMILARITIES, ImageHit, Searcher, TextHit
 
 GRID_COLUMNS = 5
+TILE_PIXELS = 256  # every thumbnail is shown as a square of this size: a uniform grid
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _BACKTICKS = re.compile(r"`+")
 
@@ -45,29 +47,45 @@ def show_error(message: str) -> None:
     st.error(literal(message))
 
 
+def shown_value(hit: ImageHit | TextHit) -> float:
+    """What a result shows: its similarity (higher is better), else the index's score."""
+    return hit.similarity if hit.similarity is not None else hit.score
+
+
+def similarity_note(kind: str) -> str:
+    """One sentence saying what the numbers under the results are."""
+    return f"Numbers are similarities, higher is better: the {SIMILARITIES.get(kind, kind)}."
+
+
+def tile(path: str, pixels: int = TILE_PIXELS) -> Image.Image:
+    """A thumbnail centre-cropped to a ``pixels`` square, so every cell of the grid has the same size."""
+    with Image.open(path) as image:
+        return ImageOps.fit(image.convert("RGB"), (pixels, pixels))
+
+
 def image_grid(hits: Sequence[ImageHit], columns: int = GRID_COLUMNS) -> None:
-    """Thumbnails in rows of ``columns``, each with its rank, score and first caption."""
+    """Square thumbnails of one size in rows of ``columns``, each with its rank, similarity and first caption."""
     for start in range(0, len(hits), columns):
         cells = st.columns(columns)
         for rank, (cell, hit) in enumerate(zip(cells, hits[start:start + columns]), start + 1):
             with cell:
                 if hit.thumbnail and Path(hit.thumbnail).is_file():
-                    st.image(hit.thumbnail)
+                    st.image(tile(hit.thumbnail), width="stretch")
                 else:
                     st.caption(f"(no thumbnail for {literal(hit.key)})")
-                st.markdown(f"**{rank}.** score `{hit.score:.3f}`")
+                st.markdown(f"**{rank}.** similarity `{shown_value(hit):.3f}`")
                 st.text(one_line(hit.captions[0] if hit.captions else hit.key))
 
 
 def caption_list(hits: Sequence[TextHit]) -> None:
-    """Nearest captions of the collection, best first, with scores (plain text, one line each)."""
-    lines = [f"{rank}. {one_line(hit.text)} — {hit.score:.3f}" for rank, hit in enumerate(hits, 1)]
+    """Nearest captions of the collection, best first, with similarities (plain text, one line each)."""
+    lines = [f"{rank}. {one_line(hit.text)} — {shown_value(hit):.3f}" for rank, hit in enumerate(hits, 1)]
     st.text("\n".join(lines) if lines else "no captions in the index")
 
 
 def word_list(hits: Sequence[TextHit]) -> None:
-    """Nearest vocabulary words, best first, with cosine scores (plain text)."""
-    st.text(" · ".join(f"{one_line(hit.text)} {hit.score:.2f}" for hit in hits) or "no vocabulary")
+    """Nearest vocabulary words, best first, with cosine similarities (plain text)."""
+    st.text(" · ".join(f"{one_line(hit.text)} {shown_value(hit):.2f}" for hit in hits) or "no vocabulary")
 
 
 def model_card(searcher: Searcher, checkpoint: str) -> str:

@@ -65,6 +65,7 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
     command = [sys.executable, "-m", "streamlit", "run", str(APP_FILE),
                "--server.headless", "true", "--server.port", str(args.port),
                "--server.address", args.address, "--browser.gatherUsageStats", "false",
+               "--client.toolbarMode", "minimal",  # no deploy button or developer menu
                "--", "--run", str(args.run)]
     if args.index:
         command += ["--index", str(args.index)]

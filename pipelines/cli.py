@@ -17,6 +17,7 @@ JOBS = {
     "compare": "train loss/text variants over seeds and write a report with plots",
     "demo": "prepare, train, index and search the embedded sample data",
     "app": "open the Streamlit search app on a run's index",
+    "serve": "an HTTP JSON search API over a run's index",
 }
 
 

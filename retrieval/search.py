@@ -2,15 +2,27 @@
 
 A :class:`Searcher` joins a trained checkpoint (image encoder + frozen text side) with the faiss
 index of a collection that the same checkpoint produced; a mismatch is refused when loading.
+
+Every hit has a ``score`` (the index's own: inner product, or the negative squared L2 distance)
+and a ``similarity`` a person can read, higher is better (:data:`SIMILARITIES`): the cosine of the
+query and the item where the items have unit length (exact for any query length: with unit items,
+``cos = (|q|² + 1 - d²) / (2|q|)``), else the inner product (``ip``) or the negative L2 distance ``-d``.
+
+One Searcher may answer queries from several threads at once: faiss CPU indexes search
+concurrently (the per-call OpenMP thread count that ``VectorIndex.search`` sets is per calling
+thread), and searches of an index on the GPU, which faiss does not make thread-safe, take a lock.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from retrieval.checkpoint import LoadedModel, load_checkpoint
@@ -18,18 +30,29 @@ from retrieval.distances import COSINE, search_distance
 from retrieval.embed import eval_transform
 from retrieval.errors import DataError
 from retrieval.imagefile import open_image
-from retrieval.index import VectorIndex
+from retrieval.index import SearchResult, VectorIndex
 from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
+
+COSINE_SIMILARITY, INNER_PRODUCT, NEGATIVE_L2 = "cosine", "inner product", "negative L2 distance"
+#: what a hit's ``similarity`` is, by name
+SIMILARITIES = {
+    COSINE_SIMILARITY: "cosine of the query and the item, from -1 to 1",
+    INNER_PRODUCT: "inner product of the query and the item",
+    NEGATIVE_L2: "minus the Euclidean distance between the query and the item",
+}
+UNIT_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
 class ImageHit:
-    """One image result: its key, score (higher is better), captions and thumbnail file."""
+    """One image result: its key, score (the index's; higher is better), captions, thumbnail file and
+    similarity (higher is better, see :data:`SIMILARITIES`; None when not worked out)."""
 
     key: str
     score: float
     captions: list[str]
     thumbnail: str | None
+    similarity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,7 @@ class TextHit:
 
     text: str
     score: float
+    similarity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +88,10 @@ class Searcher:
                             f"{self.distance.name}; rebuild it with `retrieval index`")
         self._load_vocabulary()
         self.transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
+        self.image_similarity = self._similarity_kind(self._images_have_unit_length())
+        self.caption_similarity = self._similarity_kind(self.distance.unit_length
+                                                        or bool(model.caption_encoder.normalize))
+        self._gpu_lock = threading.Lock()  # faiss GPU indexes are not thread-safe, not even for search
 
     @classmethod
     def open(cls, checkpoint: str | Path, index_dir: str | Path | IndexDir, device: str = "cpu") -> Searcher:
@@ -93,6 +121,40 @@ class Searcher:
         centred = word_vectors - self.caption_center
         self.word_matrix = COSINE.to_search_space(centred)
 
+    # -- similarities -------------------------------------------------------------------------
+    def _images_have_unit_length(self) -> bool:
+        """Whether the model's image embeddings have unit length (probed on random features)."""
+        if self.distance.unit_length:
+            return True
+        encoder = self.model.encoder
+        generator = torch.Generator().manual_seed(0)
+        features = torch.randn(4, encoder.feature_dim, generator=generator)
+        features = features.to(next(encoder.parameters()).device)
+        norms = self.model.embed_features(features).norm(dim=1)
+        return bool(torch.allclose(norms, torch.ones_like(norms), atol=UNIT_TOLERANCE))
+
+    def _similarity_kind(self, unit_items: bool) -> str:
+        """The similarity hits of an index with (or without) unit-length items get."""
+        if self.distance.faiss_metric == "ip":
+            return COSINE_SIMILARITY if self.distance.unit_length else INNER_PRODUCT
+        return COSINE_SIMILARITY if unit_items else NEGATIVE_L2
+
+    def _similarity(self, kind: str, query: np.ndarray, score: float) -> float:
+        """A hit's ``similarity`` from its index ``score`` (see the module docstring)."""
+        if self.distance.faiss_metric == "ip":
+            return score
+        squared = max(0.0, -score)  # the l2 index's score is minus the squared distance
+        if kind == NEGATIVE_L2:
+            return -math.sqrt(squared)
+        length = float(np.linalg.norm(query))
+        return (length * length + 1.0 - squared) / (2.0 * length) if length > 0 else 0.0
+
+    def _search(self, index: VectorIndex, query: np.ndarray, k: int) -> SearchResult:
+        if index.on_gpu:
+            with self._gpu_lock:
+                return index.search(query, k)
+        return index.search(query, k)
+
     # -- query vectors ------------------------------------------------------------------------
     def text_vector(self, query: str) -> np.ndarray:
         """A query in caption-vector space: a caption, or word arithmetic ``a - b + c``
@@ -112,12 +174,14 @@ class Searcher:
         return self.distance.to_search_space(np.asarray(vector, dtype=np.float32)[None, :])
 
     def images_near(self, vector: np.ndarray, k: int) -> list[ImageHit]:
-        result = self.images.search(self._query(vector), k)
+        query = self._query(vector)
+        result = self._search(self.images, query, k)
         hits = []
         for score, item in zip(result.scores[0], self.images.metadata_for(result.ids[0])):
             thumbnail = item.get("thumbnail")
             hits.append(ImageHit(item["key"], float(score), list(item.get("captions", [])),
-                                 str(self.index_dir.file(thumbnail)) if thumbnail else None))
+                                 str(self.index_dir.file(thumbnail)) if thumbnail else None,
+                                 self._similarity(self.image_similarity, query[0], float(score))))
         return hits
 
     def text_to_image(self, query: str, k: int = 5) -> list[ImageHit]:
@@ -136,9 +200,15 @@ class Searcher:
 
     def image_to_text(self, image: Image.Image | str | Path, k: int = 5) -> ImageToText:
         """Nearest captions of the collection and nearest vocabulary words for an image."""
-        vector = self.image_vector(image)
-        result = self.captions.search(self._query(vector), k)
-        captions = [TextHit(item["caption"], float(score))
+        return self.texts_near(self.image_vector(image), k)
+
+    def texts_near(self, vector: np.ndarray, k: int) -> ImageToText:
+        """Nearest captions and words of an image vector (``image_vector``): one encoder pass serves
+        :meth:`images_near` and this."""
+        query = self._query(vector)
+        result = self._search(self.captions, query, k)
+        captions = [TextHit(item["caption"], float(score),
+                            self._similarity(self.caption_similarity, query[0], float(score)))
                     for score, item in zip(result.scores[0], self.captions.metadata_for(result.ids[0]))]
         return ImageToText(captions, self.nearest_words(vector, k))
 
@@ -149,7 +219,7 @@ class Searcher:
         query = np.asarray(vector, dtype=np.float32) - self.caption_center
         scores = self.word_matrix @ COSINE.to_search_space(query)
         best = np.argsort(-scores, kind="stable")[:k]
-        return [TextHit(self.words[i], float(scores[i])) for i in best]
+        return [TextHit(self.words[i], float(scores[i]), float(scores[i])) for i in best]
 
 
 def open_searcher(run_dir: str | Path, checkpoint: str = BEST_CHECKPOINT, index: str | Path | None = None,

@@ -58,8 +58,10 @@ def test_text_query_shows_images_with_captions_and_scores(app):
     k = app.slider(key="k").value
     assert k == 10 and len(app.image) == k
     assert all(image.value and image.value[0] for image in app.image)  # each has a served URL
-    scores = [float(m.value.split("`")[1]) for m in app.markdown if m.value.startswith("**") and "score" in m.value]
+    scores = [float(m.value.split("`")[1]) for m in app.markdown
+              if m.value.startswith("**") and "similarity" in m.value]
     assert len(scores) == k and scores == sorted(scores, reverse=True)
+    assert all(-1.0 <= score <= 1.0 for score in scores)  # cosine similarities, not negative distances
     assert any("a red bus on the street" in caption.value for caption in app.caption)
     assert not app.error
 
@@ -257,6 +259,7 @@ def test_app_job_passes_run_index_and_checkpoint_to_streamlit(tmp_path):
     assert command[1:4] == ["-m", "streamlit", "run"] and Path(command[4]) == APP_FILE
     assert command[command.index("--server.port") + 1] == "8600"
     assert command[command.index("--server.headless") + 1] == "true"
+    assert command[command.index("--client.toolbarMode") + 1] == "minimal"  # no deploy button
     assert command[command.index("--") + 1:] == ["--run", str(tmp_path), "--index", str(tmp_path / "ix"),
                                                   "--checkpoint", "last.pt"]
 
@@ -268,3 +271,15 @@ def test_model_card_states_the_loss_with_every_setting_in_effect(trained_run, ap
     card = model_card(Searcher.open(trained_run.best_checkpoint, app_index), "best.pt")
     assert "- **loss**: triplet (margin=0.4, squared=False, negatives=hard)\n" in card  # demo.yaml's loss
     assert ", l2, 25 images" in card  # the index compares by the loss's distance
+
+
+def test_thumbnails_are_shown_as_tiles_of_one_size(tmp_path):
+    from PIL import Image
+
+    from app.views import TILE_PIXELS, tile
+
+    sizes = set()
+    for name, size in (("wide.jpg", (320, 120)), ("tall.jpg", (90, 300)), ("small.png", (40, 40))):
+        Image.new("RGB", size, "red").save(tmp_path / name)
+        sizes.add(tile(str(tmp_path / name)).size)
+    assert sizes == {(TILE_PIXELS, TILE_PIXELS)}
