@@ -84,7 +84,7 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
         VectorIndex.build(image_vectors, metadata, kind=kind, metric=distance.faiss_metric,
                           stamp=stamp).save(staged.images)
         caption_meta = [{"caption": text, "key": collection.keys[i]} for text, i in zip(texts, owner)]
-        VectorIndex.build(caption_vectors, caption_meta, kind="flat", metric=distance.faiss_metric,
+        VectorIndex.build(caption_vectors, caption_meta, kind=kind, metric=distance.faiss_metric,  # same rules
                           stamp=stamp).save(staged.captions)
         vocabulary = caption_vocabulary(texts, caption_vectors, model.caption_encoder)
         staged.vocabulary_file.write_text(json.dumps(vocabulary))
