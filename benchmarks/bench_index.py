@@ -1,6 +1,11 @@
 """Benchmark the index kinds on synthetic clustered vectors: build time, QPS, recall@k.
 
     python -m benchmarks.bench_index [--n 1000000] [--dim 50] [--queries 1000] [--quick]
+    python -m benchmarks.bench_index --auto [--sizes 200000,1000000] [--max-memory 4GB]
+
+``--auto``: our ``index.kind: auto`` built from chunks (never all vectors at once) on clustered and
+isotropic vectors, each size in a fresh process: build time, peak RSS (getrusage), batch and
+single-query QPS divided by exact search's, recall@10 on fresh queries; written to ``--out``.
 
 Every kind is built with its defaults from ``retrieval.index`` in one run; recall is measured
 against the exact (flat) results. A sweep of nprobe / efSearch shows the recall-speed curve
@@ -10,8 +15,11 @@ behind the defaults. Prints a markdown table and writes JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import os
 import platform
+import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.index import VectorIndex
+from retrieval.index import VectorIndex, build_index_from_chunks
 from retrieval.io import write_json
 
 KINDS = ("flat", "ivf", "hnsw")
@@ -117,6 +125,90 @@ def markdown(rows: list[dict], sweeps: dict[str, list[dict]], k: int) -> str:
     return "\n".join(lines)
 
 
+class SyntheticChunks:
+    """Re-iterable chunks of clustered or isotropic vectors, each made from its own seed (never all in memory)."""
+
+    def __init__(self, data: str, n: int, dim: int, chunk: int, seed: int) -> None:
+        self.data, self.n, self.dim, self.chunk, self.seed = data, n, dim, chunk, seed
+        self.centres = clustered_vectors(CLUSTERS, dim, seed=seed)  # only for the mixture's shape
+
+    def make(self, rows: int, seed: int) -> np.ndarray:
+        if self.data == "isotropic":
+            return np.random.default_rng(seed).standard_normal((rows, self.dim), dtype=np.float32)
+        return clustered_vectors(rows, self.dim, seed=seed)
+
+    def __iter__(self):
+        for number, start in enumerate(range(0, self.n, self.chunk)):
+            yield self.make(min(self.chunk, self.n - start), self.seed * 100_003 + number)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+
+
+def bench_auto_case(data: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One auto build from chunks, measured in this (fresh) process; exact search afterwards for the ratios."""
+    faiss.omp_set_num_threads(args.threads)
+    chunks = SyntheticChunks(data, n, args.dim, args.chunk, args.seed)
+    queries = chunks.make(args.queries, seed=10**9 + args.seed)  # fresh draws, never in the index
+    rss_before = _peak_rss_bytes()
+    start = time.perf_counter()
+    params = {"max_memory": args.max_memory} if args.max_memory else {}
+    index = build_index_from_chunks(chunks, n, args.dim, kind="auto", stamp={"bench": True}, seed=args.seed,
+                                    use_gpu=False if args.cpu else "auto", **params)
+    build_s = time.perf_counter() - start
+    peak_rss = _peak_rss_bytes()
+    ids, batch_qps = _batch(index, queries, args.k)
+    single_qps = _single_qps(index, queries[: args.single], args.k)
+    info = index.build_info
+    del index
+    exact = VectorIndex.build(np.concatenate(list(chunks)), [{}] * n, kind="flat", stamp={}, use_gpu=False)
+    exact_ids, exact_batch = _batch(exact, queries, args.k)
+    exact_single = _single_qps(exact, queries[: args.single], args.k)
+    return {"data": data, "n": n, "dim": args.dim, "kind": info["kind"], "params": info["params"],
+            "held_out_recall@10": info["recall@10"], "min_recall": info["min_recall"],
+            "tuning_trials": len(info["trials"]), "build_s": round(build_s, 1),
+            "peak_rss_mb": round(peak_rss / 1e6), "rss_before_build_mb": round(rss_before / 1e6),
+            "estimated_index_mb": round(info["estimated_memory"] / 1e6),
+            "max_memory_mb": round(info["max_memory"] / 1e6),
+            "batch_qps": round(batch_qps, 1), "single_qps": round(single_qps, 1),
+            "exact_batch_qps": round(exact_batch, 1), "exact_single_qps": round(exact_single, 1),
+            "batch_speedup": round(batch_qps / exact_batch, 1), "single_speedup": round(single_qps / exact_single, 1),
+            f"recall@{args.k}": round(recall_at_k(ids, exact_ids), 4)}
+
+
+def _run_case(queue: Any, data: str, n: int, args: argparse.Namespace) -> None:
+    queue.put(bench_auto_case(data, n, args))
+
+
+def bench_auto(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (data, size) case in a fresh spawned process, so that its peak RSS is its own."""
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for n in (int(size) for size in args.sizes.split(",")):
+        for data in args.data.split(","):
+            print(f"auto over {n:,} x {args.dim} {data} ...", flush=True)
+            queue = context.Queue()
+            process = context.Process(target=_run_case, args=(queue, data, n, args))
+            process.start()
+            rows.append(queue.get())
+            process.join()
+            print(rows[-1], flush=True)
+    return rows
+
+
+def markdown_auto(rows: list[dict], k: int) -> str:
+    lines = [f"| data | n | chosen | params | build s | peak RSS MB | batch QPS (÷ exact) | single QPS (÷ exact) "
+             f"| recall@{k} (held-out at build) |", "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        params = ", ".join(f"{key}={value}" for key, value in row["params"].items()) or "exact"
+        lines.append(f"| {row['data']} | {row['n']:,} | {row['kind']} | {params} | {row['build_s']:.1f} "
+                     f"| {row['peak_rss_mb']:,} | {row['batch_qps']:,.0f} ({row['batch_speedup']}×) "
+                     f"| {row['single_qps']:,.0f} ({row['single_speedup']}×) "
+                     f"| {row[f'recall@{k}']:.4f} ({row['held_out_recall@10']:.4f}) |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="indexed vectors")
@@ -130,6 +222,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="never use a GPU")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
     parser.add_argument("--quick", action="store_true", help="smoke run: --n 100000")
+    parser.add_argument("--auto", action="store_true", help="benchmark index.kind auto built from chunks")
+    parser.add_argument("--sizes", default="200000", help="--auto: comma-separated collection sizes")
+    parser.add_argument("--data", default="clustered,isotropic", help="--auto: clustered and/or isotropic")
+    parser.add_argument("--chunk", type=int, default=100_000, help="--auto: vectors per chunk")
+    parser.add_argument("--max-memory", default=None, help="--auto: index.max_memory (default: half the RAM)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/index.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -140,6 +237,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     faiss.omp_set_num_threads(args.threads)  # same thread count for every kind
+    if args.auto:
+        rows = bench_auto(args)
+        config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+        result = json.loads(args.out.read_text()) if args.out.is_file() else {}  # beside the per-kind rows
+        result["auto"] = {"config": config, "faiss": faiss.__version__, "cpu_count": os.cpu_count(),
+                          "machine": platform.machine(), "rows": rows}
+        print(markdown_auto(rows, args.k))
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+        return result
     data = clustered_vectors(args.n + args.queries, args.dim, seed=args.seed)
     base, queries = data[: args.n], data[args.n :]
     kinds = ["flat"] + [kind for kind in args.kinds.split(",") if kind and kind != "flat"]

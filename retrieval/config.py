@@ -197,7 +197,7 @@ class IndexConfig:
     and are checked against that kind when the config is loaded. None means the kind's defaults.
     """
 
-    kind: str = "auto"  # auto | flat | ivf | hnsw
+    kind: str = "auto"  # auto | flat | ivf | ivf-pq | hnsw (auto: max_memory, min_recall, on_disk beside it)
     metric: str = "auto"  # auto (the loss's distance) | l2 | squared-l2 | cosine | ip
     split: str = "val"  # which shard split is indexed: train | val | all
     params: Any = None  # the kind's IndexKind (in YAML: its parameters beside kind)

@@ -1,4 +1,12 @@
-"""One interface over faiss indexes (flat, IVF, HNSW, auto) with metadata and a model stamp.
+"""One interface over faiss indexes (flat, IVF-Flat, IVF-PQ, HNSW, auto) with metadata and a model stamp.
+
+* ``auto`` chooses the kind from the number of vectors, their dimension and a memory budget
+  (``max_memory``), measures recall@10 against exact search on held-out vectors and raises
+  nprobe until ``min_recall`` is met (or refuses with a one-line error); ``build_info`` and the
+  saved stamp.json record the choice and the measured recall.
+* :func:`build_index_from_chunks` builds from a re-iterable of arrays (embedding shards) without
+  holding all vectors at once: one pass gathers the training sample and the held-out queries, a
+  second adds the vectors chunk by chunk; IVF lists can live on disk (``on_disk``).
 
 * ids are insertion positions ``0 .. len(index) - 1``; they never change (append only).
 * ``SearchResult.scores``: higher is better (inner product for "ip", *negative squared* L2
@@ -15,8 +23,12 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import re
+import shutil
+import tempfile
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -30,8 +42,15 @@ from retrieval.registry import Registry
 from retrieval.rundir import INDEX_FILE, METADATA_FILE, STAMP_FILE
 
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
-AUTO_FLAT_MAX = 50_000  # "auto" builds an exact index below this many items
-AUTO_LARGE_KIND = "ivf"  # ... and this kind at or above it (see benchmarks/bench_index.py)
+AUTO_FLAT_MAX = 50_000  # "auto" builds an exact index below this many items (when it fits the budget)
+DEFAULT_MIN_RECALL = 0.95  # recall@10 "auto" tunes its search parameter to reach
+RECALL_K = 10  # recall@RECALL_K is what is measured and tuned
+RECALL_QUERIES = 1000  # held-out vectors the recall is measured on (at most a tenth of the collection)
+TRAIN_POINTS_PER_LIST = 64  # the coarse quantizer trains on about this many sampled vectors per list
+PQ_TRAIN_POINTS = 65_536  # product-quantizer codebooks (256 centroids per sub-quantizer) need this many
+PQ_NBITS = 8  # bits per sub-quantizer code: pq_m bytes per vector
+MIN_MEMORY = 2**20  # the smallest max_memory accepted
+ONDISK_LISTS_FILE = "index.ivfdata"  # on-disk inverted lists, beside INDEX_FILE
 DEFAULT_HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 128  # 40 (faiss default) tops out at recall@10 0.94 on 1M items
 DEFAULT_EF_SEARCH = 512  # recall@10 >= 0.95 up to 1M items at d=50 (bench_index)
@@ -39,6 +58,43 @@ MIN_POINTS_PER_LIST = 39  # faiss k-means warns below 39 training points per cen
 MAX_NLIST = 65_536
 GPU_MAX_K = 2048  # faiss GPU k-selection limit (k and nprobe)
 UseGpu = bool | Literal["auto"]
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes of a memory size: an int (bytes) or a string such as "4GB", "512MiB", "1.5 GB"; ConfigError else."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"max_memory must be a size in bytes or a string such as '4GB', got {value!r}")
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", value)
+        if match is None or match.group(2).lower() not in _MEMORY_UNITS:
+            raise ConfigError(f"max_memory must be a size such as '4GB', '512MiB' or a number of bytes, "
+                              f"got {value!r}")
+        size = int(float(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()])
+    else:
+        size = value
+    if size < MIN_MEMORY:
+        raise ConfigError(f"max_memory must be at least 1MiB ({MIN_MEMORY} bytes), got {value!r}")
+    return size
+
+
+def default_memory_budget() -> int:
+    """Half the physical memory of this machine: the budget when ``max_memory`` is unset."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):  # not POSIX: assume 8 GB
+        return 8 * 10**9
+
+
+def format_bytes(size: float) -> str:
+    """``size`` bytes in words: 1.5 GB, 300 MB, ..."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{int(size)} B"
 
 
 class SearchResult(NamedTuple):
@@ -69,10 +125,27 @@ class IndexKind:
     """
 
     search_param_names: ClassVar[tuple[str, ...]] = ()
+    on_disk: ClassVar[bool] = False  # IVF kinds: a field (inverted lists in a file, not in memory)
 
     def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
         """An untrained CPU index for ``n`` vectors of ``dim`` dimensions (``build`` trains and fills it)."""
         raise NotImplementedError
+
+    def resolve(self, n: int, dim: int) -> IndexKind:
+        """The concrete kind built for ``n`` vectors of ``dim`` dimensions (``auto`` chooses; others are themselves)."""
+        return self
+
+    def memory_bytes(self, n: int, dim: int) -> int:
+        """Estimated resident bytes of the built index over ``n`` vectors (inverted lists on disk excluded)."""
+        return n * dim * 4
+
+    def training_size(self, n: int, dim: int) -> int:
+        """Vectors sampled to train the index (0: it needs no training)."""
+        return 0
+
+    def search_param_limit(self, index: faiss.Index) -> int:
+        """The largest useful value of the first search parameter (recall tuning stops there)."""
+        return 0
 
     @staticmethod
     def current_search_params(index: faiss.Index) -> dict[str, int]:
@@ -107,23 +180,50 @@ class IvfKind(IndexKind):
 
     nlist: int | None = None
     nprobe: int | None = None
+    on_disk: bool = False
     search_param_names: ClassVar[tuple[str, ...]] = ("nprobe",)
 
     def __post_init__(self) -> None:
         _check_positive(nlist=self.nlist, nprobe=self.nprobe)
+        _check_bool(on_disk=self.on_disk)
 
-    def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
-        nlist = self.nlist if self.nlist is not None else default_nlist(n)
+    def lists(self, n: int) -> int:
+        """The number of inverted lists for ``n`` vectors (by default sized for those that train: all but
+        the held-out queries)."""
+        return self.nlist if self.nlist is not None else default_nlist(n - recall_query_count(n))
+
+    def code_bytes(self, dim: int) -> int:
+        """Bytes stored per vector in the inverted lists (besides its 8-byte id)."""
+        return 4 * dim
+
+    def memory_bytes(self, n: int, dim: int) -> int:
+        lists = 0 if self.on_disk else n * (self.code_bytes(dim) + 8)
+        return lists + self.lists(n) * (4 * dim + 32)  # + the coarse centroids and list headers
+
+    def training_size(self, n: int, dim: int) -> int:
+        return min(n, TRAIN_POINTS_PER_LIST * self.lists(n))
+
+    def search_param_limit(self, index: faiss.Index) -> int:
+        return int(index.nlist)
+
+    def _quantizer(self, dim: int, metric: int, n: int) -> tuple[faiss.Index, int]:
+        nlist = self.lists(n)
         if not 1 <= nlist <= n:
             raise ConfigError(f"nlist must be between 1 and the number of vectors ({n}), got {nlist}")
-        quantizer = faiss.IndexFlat(dim, metric)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+        return faiss.IndexFlat(dim, metric), nlist
+
+    def _finish(self, index: faiss.Index, quantizer: faiss.Index, metric: int, seed: int) -> faiss.Index:
         quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
         index.own_fields = True
         index.cp.seed = seed
         index.cp.spherical = metric == faiss.METRIC_INNER_PRODUCT  # k-means on the unit sphere
+        nlist = int(index.nlist)
         index.nprobe = min(nlist, self.nprobe) if self.nprobe is not None else default_nprobe(nlist)
         return index
+
+    def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
+        quantizer, nlist = self._quantizer(dim, metric, n)
+        return self._finish(faiss.IndexIVFFlat(quantizer, dim, nlist, metric), quantizer, metric, seed)
 
     @staticmethod
     def current_search_params(index: faiss.Index) -> dict[str, int]:
@@ -134,6 +234,56 @@ class IvfKind(IndexKind):
         if "nprobe" in values:
             limit = GPU_MAX_K if on_gpu else int(index.nlist)
             index.nprobe = min(values["nprobe"], int(index.nlist), limit)
+
+
+@INDEX_KINDS.register("ivf-pq")
+@dataclass(frozen=True)
+class IvfPqKind(IvfKind):
+    """Inverted lists of product-quantized residuals: ``pq_m`` bytes per vector instead of 4 * dim.
+
+    ``pq_m``: sub-quantizers of 8 bits (must divide the dimension; default the largest divisor of
+    the dimension up to dim / 2); ``nlist``, ``nprobe``, ``on_disk`` as for ``ivf``. Search is
+    approximate even over all lists, so recall has a ceiling set by ``pq_m``. CPU only.
+    """
+
+    pq_m: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(pq_m=self.pq_m)
+
+    def sub_quantizers(self, dim: int) -> int:
+        """``pq_m``, or its default for ``dim``."""
+        if self.pq_m is not None:
+            return self.pq_m
+        return max(m for m in range(1, max(1, dim // 2) + 1) if dim % m == 0)
+
+    def code_bytes(self, dim: int) -> int:
+        return self.sub_quantizers(dim) * PQ_NBITS // 8
+
+    def memory_bytes(self, n: int, dim: int) -> int:
+        m = self.sub_quantizers(dim)
+        table = self.lists(n) * m * 256 * 4  # precomputed distance tables (faiss skips them above 2 GiB)
+        return super().memory_bytes(n, dim) + 256 * dim * 4 + (table if table <= 2**31 else 0)
+
+    def training_size(self, n: int, dim: int) -> int:
+        return min(n, max(TRAIN_POINTS_PER_LIST * self.lists(n), PQ_TRAIN_POINTS))
+
+    def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
+        m = self.sub_quantizers(dim)
+        if dim % m:
+            raise ConfigError(f"pq_m must divide the dimension {dim}, got {m}")
+        if n - recall_query_count(n) < 2**PQ_NBITS:
+            raise ConfigError(f"ivf-pq trains {2**PQ_NBITS} centroids per sub-quantizer and needs more vectors than "
+                              f"{n}; use flat or ivf")
+        quantizer, nlist = self._quantizer(dim, metric, n)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, PQ_NBITS, metric)
+        index.pq.cp.seed = seed
+        return self._finish(index, quantizer, metric, seed)
+
+    @staticmethod
+    def current_search_params(index: faiss.Index) -> dict[str, int]:
+        return {"nlist": int(index.nlist), "nprobe": int(index.nprobe), "pq_m": int(index.pq.M)}
 
 
 @INDEX_KINDS.register("hnsw")
@@ -160,6 +310,12 @@ class HnswKind(IndexKind):
         index.hnsw.efSearch = self.ef_search if self.ef_search is not None else DEFAULT_EF_SEARCH
         return index
 
+    def memory_bytes(self, n: int, dim: int) -> int:
+        return n * (4 * dim + 8 * self.hnsw_m + 16)  # vectors, level-0 links (2 M), upper levels and offsets
+
+    def search_param_limit(self, index: faiss.Index) -> int:
+        return max(4096, int(index.hnsw.efSearch))
+
     @staticmethod
     def current_search_params(index: faiss.Index) -> dict[str, int]:
         return {"ef_search": int(index.hnsw.efSearch)}
@@ -170,29 +326,68 @@ class HnswKind(IndexKind):
             index.hnsw.efSearch = values["ef_search"]
 
 
-def auto_kind(n: int) -> str:
-    """The kind "auto" builds for ``n`` items: flat below AUTO_FLAT_MAX, else AUTO_LARGE_KIND."""
-    return "flat" if n < AUTO_FLAT_MAX else AUTO_LARGE_KIND
-
-
 @INDEX_KINDS.register("auto")
 @dataclass(frozen=True)
 class AutoKind(IndexKind):
-    """Exact search below AUTO_FLAT_MAX items, approximate (AUTO_LARGE_KIND, IVF) above.
+    """Choose flat, IVF-Flat or IVF-PQ from the size, the dimension and ``max_memory``; tune to ``min_recall``.
 
-    ``nlist`` and ``nprobe`` are the IVF parameters for collections of AUTO_FLAT_MAX items or more.
+    * flat (exact) below AUTO_FLAT_MAX vectors when they fit ``max_memory``;
+    * else IVF-Flat when its lists fit (or ``on_disk``: the lists go to a file);
+    * else IVF-PQ with the largest code (``pq_m`` bytes per vector) that fits.
+    ``max_memory``: bytes or a string such as "4GB" (default: half this machine's memory); it bounds
+    the index in memory plus its training sample. After building, recall@10 is measured against
+    exact search on up to RECALL_QUERIES held-out vectors and nprobe rises from ``nprobe`` (default
+    1) until ``min_recall`` is met; an IVF-PQ code too coarse to meet it is a one-line ConfigError.
+    ``nlist``: IVF lists (default ``default_nlist(n)``).
     """
 
     nlist: int | None = None
     nprobe: int | None = None
+    max_memory: int | str | None = None
+    min_recall: float = DEFAULT_MIN_RECALL
+    on_disk: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(nlist=self.nlist, nprobe=self.nprobe)
+        _check_bool(on_disk=self.on_disk)
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
+        if isinstance(self.min_recall, bool) or not isinstance(self.min_recall, (int, float)) \
+                or not 0.0 < self.min_recall <= 1.0:
+            raise ConfigError(f"min_recall must be a number in (0, 1], got {self.min_recall!r}")
+
+    @property
+    def max_memory_bytes(self) -> int:
+        """The memory budget in bytes (``max_memory`` or half this machine's memory)."""
+        return parse_memory(self.max_memory) if self.max_memory is not None else default_memory_budget()
+
+    def resolve(self, n: int, dim: int) -> IndexKind:
+        budget = self.max_memory_bytes
+        flat = FlatKind()
+        if n < AUTO_FLAT_MAX and not self.on_disk and build_footprint(flat, n, dim) <= budget:
+            return flat
+        ivf = IvfKind(nlist=self.nlist, nprobe=self.nprobe, on_disk=self.on_disk)
+        if build_footprint(ivf, n, dim) <= budget:
+            return ivf
+        choices = [IvfPqKind(nlist=self.nlist, nprobe=self.nprobe, on_disk=self.on_disk, pq_m=m)
+                   for m in range(dim, 0, -1) if dim % m == 0]
+        for pq in choices:
+            if build_footprint(pq, n, dim) <= budget:
+                return pq
+        smallest = build_footprint(choices[-1], n, dim)
+        raise ConfigError(f"max_memory {format_bytes(budget)} is too small for {n} vectors of {dim} dimensions "
+                          f"(the smallest index, IVF-PQ with 1-byte codes, needs {format_bytes(smallest)}); "
+                          "raise index.max_memory or set index.on_disk: true")
 
     def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
-        kind = auto_kind(n)
-        params = dataclasses.asdict(self) if kind == AUTO_LARGE_KIND else {}
-        return INDEX_KINDS.create(kind, **params).make(dim, metric, n, seed)
+        return self.resolve(n, dim).make(dim, metric, n, seed)
+
+
+def build_footprint(kind: IndexKind, n: int, dim: int) -> int:
+    """Estimated peak bytes of building ``kind`` (chunks aside): the larger of the built index and twice its
+    training sample (faiss copies it while training; it is freed before adding), plus the held-out queries."""
+    training = 2 * kind.training_size(n, dim) * dim * 4
+    return max(kind.memory_bytes(n, dim), training) + RECALL_QUERIES * dim * 4
 
 
 def index_kind_type(kind: str, where: str | None = None) -> type[IndexKind]:
@@ -233,7 +428,7 @@ def make_index_kind(kind: str, values: Mapping[str, Any] | None = None, *, where
 def kind_of(index: faiss.Index) -> str:
     """The registry name of a (CPU or GPU) faiss index; the class name for foreign types."""
     name = type(index).__name__
-    for marker, kind in (("HNSW", "hnsw"), ("IVF", "ivf"), ("Flat", "flat")):
+    for marker, kind in (("HNSW", "hnsw"), ("IVFPQ", "ivf-pq"), ("IVF", "ivf"), ("Flat", "flat")):
         if marker in name:
             return kind
     return name
@@ -315,51 +510,48 @@ class VectorIndex:
     """A faiss index plus per-item metadata and the stamp of the model that made the vectors."""
 
     def __init__(self, index: faiss.Index, metadata: list[dict], *, metric: str, stamp: dict,
-                 use_gpu: UseGpu = "auto") -> None:
-        """Wrap a CPU faiss index; prefer :meth:`build` and :meth:`load`."""
+                 use_gpu: UseGpu = "auto", build_info: dict | None = None,
+                 lists_file: Path | None = None) -> None:
+        """Wrap a CPU faiss index; prefer :meth:`build`, :func:`build_index_from_chunks` and :meth:`load`.
+
+        ``lists_file``: the file of its on-disk inverted lists, if it has them.
+        """
         self._kind = kind_of(index)
         self._metric = metric
         self._stamp = dict(stamp)
         self._metadata = metadata
+        self._build_info = dict(build_info) if build_info is not None else None
+        self._lists_file = lists_file
         self._gpu_res: Any = None
         self._index = self._maybe_to_gpu(index, _want_gpu(use_gpu))
 
     @classmethod
     def build(cls, vectors: np.ndarray, metadata: Sequence[dict], *, kind: str | IndexKind = "auto",
               metric: str = "l2", stamp: dict, use_gpu: UseGpu = "auto", seed: int = 0,
-              **params: Any) -> VectorIndex:
+              workdir: str | Path | None = None, **params: Any) -> VectorIndex:
         """Build an index over ``vectors`` (n, d) float32; ``metadata[i]`` describes row i.
 
-        ``kind`` is "flat" (exact), "ivf", "hnsw" or "auto" (flat below AUTO_FLAT_MAX items,
-        else AUTO_LARGE_KIND) with that kind's parameters as keywords (``nlist=``, ``ef_search=``,
-        ...; one the kind lacks is a ConfigError), or an ``IndexKind`` holding them (``index`` of a
-        config). ``metric`` is "l2" or "ip" (normalise the vectors yourself for cosine). Unset
-        parameters get measured defaults (default_nlist, ...).
+        ``kind`` is "flat" (exact), "ivf", "ivf-pq", "hnsw" or "auto" (chosen by size and
+        ``max_memory``, tuned to ``min_recall``) with that kind's parameters as keywords
+        (``nlist=``, ``ef_search=``, ...; one the kind lacks is a ConfigError), or an ``IndexKind``
+        holding them (``index`` of a config). ``metric`` is "l2" or "ip" (normalise the vectors
+        yourself for cosine). Unset parameters get measured defaults (default_nlist, ...). The same
+        build as :func:`build_index_from_chunks` over one chunk.
         """
-        if metric not in METRICS:
-            raise ConfigError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
-        if not isinstance(stamp, dict):
-            raise ConfigError(f"stamp must be a dict, got {type(stamp).__name__}")
-        if isinstance(kind, IndexKind):
-            if params:
-                raise ConfigError(f"pass the parameters inside the index kind, not as {', '.join(sorted(params))}")
-            index_kind = kind
-        else:
-            index_kind = make_index_kind(kind, params, where="VectorIndex.build")
         array = _check_vectors(vectors, None, "vectors", DataError)
         items = _check_metadata(metadata, len(array))
         if len(array) == 0:
             raise DataError("cannot build an index from 0 vectors")
-        n, dim = array.shape
-        index = index_kind.make(dim, METRICS[metric], n, seed)
-        self = cls(index, [], metric=metric, stamp=stamp, use_gpu=use_gpu)
-        if not self._index.is_trained:
-            self._index.train(array)
-        self.add(array, items)
-        return self
+        return build_index_from_chunks([array], len(array), array.shape[1], items, kind=kind, metric=metric,
+                                       stamp=stamp, use_gpu=use_gpu, seed=seed, workdir=workdir, **params)
 
     def add(self, vectors: np.ndarray, metadata: Sequence[dict]) -> np.ndarray:
-        """Append items without rebuilding (IVF keeps its trained quantizer); return their ids."""
+        """Append items without rebuilding (IVF keeps its trained quantizer); return their ids.
+
+        An index with on-disk lists cannot grow (ConfigError): rebuild it.
+        """
+        if self.on_disk:
+            raise ConfigError("an index with on-disk inverted lists cannot grow; rebuild it with the new vectors")
         array = _check_vectors(vectors, self.dim, "vectors", DataError)
         items = _check_metadata(metadata, len(array))
         start = len(self)
@@ -376,8 +568,25 @@ class VectorIndex:
 
     @property
     def kind(self) -> str:
-        """"flat", "ivf" or "hnsw" (never "auto")."""
+        """"flat", "ivf", "ivf-pq" or "hnsw" (never "auto")."""
         return self._kind
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the inverted lists live in a file (``lists_file``) rather than in memory."""
+        return self._lists_file is not None
+
+    @property
+    def build_info(self) -> dict | None:
+        """How the index was chosen and how well it finds neighbours (a copy; None for indexes from before).
+
+        Keys: ``requested`` (the configured kind), ``kind``, ``params`` (nlist, nprobe, pq_m, ef_search
+        as built and tuned), ``recall@10`` (measured against exact search on ``recall_queries``
+        held-out vectors; 1.0 for flat), ``min_recall`` (auto's target, else None), ``trials``
+        (search parameter → recall, in the order tried), ``max_memory``, ``estimated_memory``
+        (bytes), ``train_size``, ``on_disk``.
+        """
+        return json.loads(json.dumps(self._build_info)) if self._build_info is not None else None
 
     @property
     def metric(self) -> str:
@@ -394,7 +603,7 @@ class VectorIndex:
 
     @property
     def search_params(self) -> dict[str, int]:
-        """Current search-time parameters (nlist/nprobe for IVF, ef_search for HNSW, none for flat)."""
+        """Current search-time parameters (nlist/nprobe (/pq_m) for IVF, ef_search for HNSW, none for flat)."""
         return INDEX_KINDS.get(self._kind).current_search_params(self._index)
 
     def set_search_params(self, **values: int) -> None:
@@ -448,8 +657,8 @@ class VectorIndex:
         return [dict(self._metadata[i]) for i in flat.tolist()]
 
     def _maybe_to_gpu(self, index: faiss.Index, on_gpu: bool) -> faiss.Index:
-        """Flat/IVF go to GPU 0 (an untrained IVF trains there); HNSW stays on the CPU."""
-        if not on_gpu or self._kind == "hnsw":
+        """Flat/IVF-Flat go to GPU 0 (an untrained IVF trains there); HNSW, IVF-PQ and on-disk lists stay on the CPU."""
+        if not on_gpu or self._kind not in ("flat", "ivf") or self.on_disk:
             return index
         self._gpu_res = faiss.StandardGpuResources()
         gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
@@ -465,9 +674,13 @@ class VectorIndex:
         directory = Path(directory)
         info = {"format": 1, "kind": self._kind, "metric": self._metric,
                 "dim": self.dim, "count": len(self), "search_params": self.search_params,
-                "stamp": self._stamp}
+                "on_disk": self.on_disk, "stamp": self._stamp}
+        if self._build_info is not None:
+            info["build"] = self._build_info
         with atomic_dir(directory) as tmp:
             try:
+                if self._lists_file is not None:  # the index file names it; loading looks beside the index file
+                    shutil.copyfile(self._lists_file, tmp / ONDISK_LISTS_FILE)
                 faiss.write_index(self._cpu_index(), str(tmp / INDEX_FILE))
             except (RuntimeError, OSError) as exc:
                 raise DataError(f"cannot write {directory / INDEX_FILE}: {one_line_reason(exc)}") from exc
@@ -484,7 +697,11 @@ class VectorIndex:
         info = _read(directory / STAMP_FILE, _parse_info)
         if expected_stamp is not None:
             check_stamp(info["stamp"], expected_stamp, str(directory))
-        index = _read(directory / INDEX_FILE, lambda path: faiss.read_index(str(path)))
+        lists_file = directory / ONDISK_LISTS_FILE if info.get("on_disk") else None
+        if lists_file is not None and not lists_file.is_file():
+            raise DataError(f"{lists_file} is missing; rebuild the index with `retrieval index`")
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if lists_file is not None else 0
+        index = _read(directory / INDEX_FILE, lambda path: faiss.read_index(str(path), flags))
         metadata = _read(directory / METADATA_FILE, _parse_metadata)
         checks = {"count": (index.ntotal, info["count"]), "dim": (index.d, info["dim"]),
                   "kind": (kind_of(index), info["kind"]),
@@ -493,7 +710,257 @@ class VectorIndex:
             if found != stated:
                 raise DataError(f"{directory} is inconsistent: {name} is {found!r} "
                                 f"but {STAMP_FILE} says {stated!r}; rebuild it")
-        return cls(index, metadata, metric=info["metric"], stamp=info["stamp"], use_gpu=use_gpu)
+        return cls(index, metadata, metric=info["metric"], stamp=info["stamp"], use_gpu=use_gpu,
+                   build_info=info.get("build"), lists_file=lists_file)
+
+
+def sample_rows(count: int, queries: int, train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint sorted row numbers in ``0 .. count - 1``: ``queries`` held out for the recall check, ``train``
+    for training (the same for the same arguments, however the vectors are split into chunks)."""
+    rows = np.random.default_rng(seed).choice(count, size=queries + train, replace=False)
+    return np.sort(rows[:queries]), np.sort(rows[queries:])
+
+
+def recall_query_count(count: int) -> int:
+    """Held-out vectors the recall is measured on: RECALL_QUERIES, at most a tenth of the collection."""
+    return max(1, min(RECALL_QUERIES, count // 10))
+
+
+def build_index_from_chunks(chunks: Iterable[np.ndarray], count: int, dim: int,
+                            metadata: Iterable[dict] | None = None, *, kind: str | IndexKind = "auto",
+                            metric: str = "l2", stamp: dict, use_gpu: UseGpu = "auto", seed: int = 0,
+                            workdir: str | Path | None = None, **params: Any) -> VectorIndex:
+    """Build an index over ``count`` vectors of ``dim`` dimensions given as chunks, never all at once.
+
+    ``chunks`` must be re-iterable (a list, :class:`NpyChunks`, or any object whose ``__iter__``
+    yields the (rows, dim) arrays anew each time, in the same order): the first pass picks the
+    training sample and the held-out queries (rows drawn by :func:`sample_rows` with ``seed``), the
+    second trains the index and adds chunk after chunk. ``metadata`` (``count`` dicts; default
+    empty dicts) describes the rows in order. Other arguments as :meth:`VectorIndex.build`.
+    ``workdir``: where on-disk inverted lists and their temporary blocks are written (default the
+    system's temporary folder; :meth:`VectorIndex.save` copies the lists into the index folder).
+    Memory: the index (see ``IndexKind.memory_bytes``), the training sample and one chunk.
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+    if not isinstance(stamp, dict):
+        raise ConfigError(f"stamp must be a dict, got {type(stamp).__name__}")
+    if isinstance(kind, IndexKind):
+        if params:
+            raise ConfigError(f"pass the parameters inside the index kind, not as {', '.join(sorted(params))}")
+        requested = kind
+    else:
+        requested = make_index_kind(kind, params, where="VectorIndex.build")
+    _check_positive(DataError, count=count, dim=dim)
+    if iter(chunks) is chunks:
+        raise ConfigError("chunks must be re-iterable (a list or an object whose __iter__ starts again): "
+                          "they are read twice, once for the training sample and once to add them")
+    items = _check_metadata([{}] * count if metadata is None else metadata, count)
+    chosen = requested.resolve(count, dim)
+    approximate = not isinstance(chosen, FlatKind)
+    held_out = recall_query_count(count) if approximate else 0
+    query_rows, train_rows = sample_rows(count, held_out, min(chosen.training_size(count, dim), count - held_out),
+                                         seed)
+    picked = _gather_rows(chunks, np.concatenate([query_rows, train_rows]), count, dim)
+    order = np.argsort(np.concatenate([query_rows, train_rows]), kind="stable")  # picked is in row order
+    picked_by_role = np.empty_like(picked)
+    picked_by_role[order] = picked
+    queries, sample = picked_by_role[: len(query_rows)].copy(), picked_by_role[len(query_rows):]
+    del picked, picked_by_role  # sample holds the only reference: freed once trained
+
+    index = VectorIndex(chosen.make(dim, METRICS[metric], count, seed), [], metric=metric, stamp=stamp,
+                        use_gpu=False if chosen.on_disk else use_gpu)
+    if not index._index.is_trained:
+        index._index.train(sample)
+    del sample
+    exact = _ExactNeighbours(queries, RECALL_K + 1, METRICS[metric]) if len(queries) else None
+    if chosen.on_disk:
+        _add_on_disk(index, chunks, count, dim, exact, workdir)
+    else:
+        for offset, array in _checked_chunks(chunks, count, dim):
+            index._index.add(array)
+            if exact is not None:
+                exact.add(array, offset)
+    index._metadata = items
+
+    target = requested.min_recall if isinstance(requested, AutoKind) else None
+    trials: list[dict] = []
+    recall = 1.0
+    if exact is not None:
+        recall, trials = _tune(index, chosen, queries, query_rows, exact.ids, target)
+    index._build_info = {
+        "requested": next(name for name in INDEX_KINDS.names() if type(requested) is INDEX_KINDS.get(name)),
+        "kind": index.kind, "params": index.search_params, f"recall@{RECALL_K}": round(recall, 4),
+        "recall_queries": len(query_rows), "min_recall": target, "trials": trials,
+        "max_memory": requested.max_memory_bytes if isinstance(requested, AutoKind) else None,
+        "estimated_memory": chosen.memory_bytes(count, dim), "train_size": len(train_rows),
+        "on_disk": chosen.on_disk}
+    if target is not None and recall < target:
+        budget = format_bytes(requested.max_memory_bytes)
+        raise ConfigError(f"index.kind auto: {index.kind} {_params_text(index.search_params)} reaches "
+                          f"recall@{RECALL_K} {recall:.3f} over all its lists, below index.min_recall {target}; "
+                          f"raise index.max_memory (now {budget}) so that a finer index fits, "
+                          "or lower index.min_recall")
+    return index
+
+
+class NpyChunks:
+    """A re-iterable of the arrays in ``.npy`` files, each memory-mapped when read (for
+    :func:`build_index_from_chunks` over embedding shards); ``count`` and ``dim`` come from the headers."""
+
+    def __init__(self, paths: Iterable[str | Path]) -> None:
+        self.paths = [Path(path) for path in paths]
+        shapes = [_read(path, lambda p: np.load(p, mmap_mode="r").shape) for path in self.paths]
+        bad = next((path for path, shape in zip(self.paths, shapes) if len(shape) != 2), None)
+        if bad is not None:
+            raise DataError(f"{bad} does not hold a 2-D (rows, dim) array")
+        dims = {shape[1] for shape in shapes}
+        if len(dims) > 1:
+            raise DataError(f"the .npy files have different dimensions {sorted(dims)}; they must match")
+        self.count = sum(shape[0] for shape in shapes)
+        self.dim = dims.pop() if dims else 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for path in self.paths:
+            yield np.load(path, mmap_mode="r")
+
+
+def _params_text(params: dict[str, int]) -> str:
+    return "(" + ", ".join(f"{name}={value}" for name, value in params.items()) + ")"
+
+
+def _checked_chunks(chunks: Iterable[np.ndarray], count: int, dim: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 array) per chunk, each checked; a total other than ``count`` is a DataError."""
+    offset = 0
+    for number, chunk in enumerate(chunks):
+        array = _check_vectors(chunk, dim, f"vectors of chunk {number}", DataError)
+        if offset + len(array) > count:
+            raise DataError(f"the chunks hold more than the {count} vectors announced")
+        yield offset, array
+        offset += len(array)
+    if offset != count:
+        raise DataError(f"the chunks hold {offset} vectors but {count} were announced")
+
+
+def _gather_rows(chunks: Iterable[np.ndarray], rows: np.ndarray, count: int, dim: int) -> np.ndarray:
+    """The vectors at ``rows`` (in ascending row order), reading each chunk once and only those rows."""
+    wanted = np.sort(rows)
+    out = np.empty((len(wanted), dim), dtype=np.float32)
+    offset = 0
+    for number, chunk in enumerate(chunks):
+        shape = np.shape(chunk)
+        if len(shape) != 2 or shape[1] != dim:
+            raise DataError(f"vectors of chunk {number} have shape {shape}; expected (rows, {dim})")
+        lo, hi = np.searchsorted(wanted, [offset, offset + shape[0]])
+        if hi > lo:
+            out[lo:hi] = _check_vectors(np.asarray(chunk)[wanted[lo:hi] - offset], dim,
+                                        f"vectors of chunk {number}", DataError)
+        offset += shape[0]
+    if offset != count:
+        raise DataError(f"the chunks hold {offset} vectors but {count} were announced")
+    return out
+
+
+class _ExactNeighbours:
+    """Exact top-k of fixed queries over vectors that arrive chunk by chunk (brute force, merged)."""
+
+    def __init__(self, queries: np.ndarray, k: int, metric: int) -> None:
+        self.queries, self.k, self.metric = queries, k, metric
+        self.larger_is_better = metric == faiss.METRIC_INNER_PRODUCT
+        worst = -np.inf if self.larger_is_better else np.inf
+        self.scores = np.full((len(queries), 0), worst, dtype=np.float32)
+        self.ids = np.full((len(queries), 0), -1, dtype=np.int64)
+
+    def add(self, vectors: np.ndarray, offset: int) -> None:
+        scores, ids = faiss.knn(self.queries, vectors, min(self.k, len(vectors)), metric=self.metric)
+        scores = np.concatenate([self.scores, scores], axis=1)
+        ids = np.concatenate([self.ids, ids + offset], axis=1)
+        order = np.argsort(-scores if self.larger_is_better else scores, axis=1, kind="stable")[:, : self.k]
+        self.scores = np.take_along_axis(scores, order, axis=1)
+        self.ids = np.take_along_axis(ids, order, axis=1)
+
+
+def _add_on_disk(index: VectorIndex, chunks: Iterable[np.ndarray], count: int, dim: int,
+                 exact: _ExactNeighbours | None, workdir: str | Path | None) -> None:
+    """Add the chunks as blocks written to disk, then merge them into one inverted-lists file."""
+    holder = tempfile.TemporaryDirectory(prefix="ivf-lists-", dir=workdir)
+    folder = Path(holder.name)
+    trained = index._index
+    blocks = []
+    for number, (offset, array) in enumerate(_checked_chunks(chunks, count, dim)):
+        block = faiss.clone_index(trained)
+        block.add_with_ids(array, np.arange(offset, offset + len(array), dtype=np.int64))
+        blocks.append(folder / f"block{number}.index")
+        faiss.write_index(block, str(blocks[-1]))
+        del block
+        if exact is not None:
+            exact.add(array, offset)
+    readers = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in blocks]
+    lists = faiss.InvertedListsPtrVector()
+    for reader in readers:
+        lists.push_back(reader.invlists)
+    on_disk = faiss.OnDiskInvertedLists(trained.nlist, trained.code_size, str(folder / ONDISK_LISTS_FILE))
+    total = on_disk.merge_from_multiple(lists.data(), lists.size(), False)
+    trained.replace_invlists(on_disk, True)
+    on_disk.this.disown()  # the index owns its lists now
+    trained.ntotal = total
+    del readers, lists
+    for path in blocks:
+        path.unlink()
+    index._lists_file = folder / ONDISK_LISTS_FILE
+    index._lists_holder = holder  # the folder lives as long as the index
+
+
+def _recall(index: VectorIndex, queries: np.ndarray, query_rows: np.ndarray, exact: np.ndarray) -> float:
+    """recall@RECALL_K of ``index`` for held-out vectors of the collection, each query's own row left out."""
+    found = index.search(queries, RECALL_K + 1).ids
+    hits = 0
+    for own, got, truth in zip(query_rows.tolist(), found.tolist(), exact.tolist()):
+        got = [i for i in got if i != own][:RECALL_K]
+        truth = [i for i in truth if i != own][:RECALL_K]
+        hits += len(set(got) & set(truth))
+    return hits / (RECALL_K * len(query_rows))
+
+
+def _tune(index: VectorIndex, kind: IndexKind, queries: np.ndarray, query_rows: np.ndarray,
+          exact: np.ndarray, target: float | None) -> tuple[float, list[dict]]:
+    """Measure recall; with a ``target``, raise the kind's search parameter (doubling, then bisecting)
+    to the smallest value that meets it, or to its limit. Returns (recall, trials in order)."""
+    name = kind.search_param_names[0]
+    trials: list[dict] = []
+
+    def measure(value: int | None) -> float:
+        if value is not None:
+            index.set_search_params(**{name: value})
+        recall = _recall(index, queries, query_rows, exact)
+        trials.append({name: index.search_params[name], f"recall@{RECALL_K}": round(recall, 4)})
+        return recall
+
+    if target is None:
+        return measure(None), trials
+    limit = kind.search_param_limit(index._index)
+    value = min(limit, getattr(kind, name, None) or 1)
+    results = {value: measure(value)}
+    while results[value] < target and value < limit:
+        value = min(limit, value * 2)
+        results[value] = measure(value)
+    passing = [v for v, r in results.items() if r >= target]
+    if passing:  # bisect between the largest failing value below and the smallest passing one
+        high = min(passing)
+        low = max((v for v, r in results.items() if r < target and v < high), default=None)
+        while low is not None and high - low > max(1, high // 20):
+            middle = (low + high) // 2
+            results[middle] = measure(middle)
+            low, high = (low, middle) if results[middle] >= target else (middle, high)
+        value = high
+    index.set_search_params(**{name: value})
+    return results[value], trials
+
+
+def _check_bool(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 def _check_positive(error: type[Exception] = ConfigError, **values: Any) -> None:

@@ -89,7 +89,7 @@ def write_index_files(staged: IndexDir, model: LoadedModel, distance, kind, stam
     VectorIndex.build(image_vectors, metadata, kind=kind, metric=distance.faiss_metric,
                       stamp=stamp).save(staged.images)
     caption_meta = [{"caption": text, "key": keys[i]} for text, i in zip(texts, owner)]
-    VectorIndex.build(caption_vectors, caption_meta, kind="flat", metric=distance.faiss_metric,
+    VectorIndex.build(caption_vectors, caption_meta, kind=kind, metric=distance.faiss_metric,  # the same rules
                       stamp=stamp).save(staged.captions)
     vocabulary = caption_vocabulary(texts, caption_vectors, model.caption_encoder)
     staged.vocabulary_file.write_text(json.dumps(vocabulary))

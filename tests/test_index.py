@@ -1,9 +1,11 @@
-"""Tests for retrieval.index: exactness, recall at defaults, auto, persistence, add, atomicity."""
+"""Tests for retrieval.index: exactness, recall at defaults, auto (choice, recall tuning), chunked and
+on-disk builds, persistence, add, atomicity."""
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 
 import faiss
 import numpy as np
@@ -95,15 +97,224 @@ def test_default_recall_at_10(big, kind):
     assert index.metadata_for(new_ids[:2])[1]["key"] == f"img{len(base) + 1}"
 
 
-def test_auto_picks_by_size(monkeypatch):
-    assert index_module.auto_kind(49_999) == "flat"
-    assert index_module.auto_kind(50_000) == index_module.AUTO_LARGE_KIND == "ivf"
-    monkeypatch.setattr(index_module, "AUTO_FLAT_MAX", 2_000)  # same rule, cheaper sizes
-    data = clustered(2_000, seed=4)
-    assert VectorIndex.build(data[:1_999], meta(0, 1_999), stamp=STAMP).kind == "flat"
-    large = VectorIndex.build(data, meta(0, 2_000), kind="auto", stamp=STAMP)
-    assert large.kind == index_module.AUTO_LARGE_KIND
-    assert set(index_module.INDEX_KINDS.names()) == {"auto", "flat", "hnsw", "ivf"}
+def isotropic(n: int, dim: int = 50, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+
+
+def test_auto_picks_by_size_and_memory_budget():
+    auto = index_module.AutoKind
+    gb = 10**9
+    assert auto(max_memory="1GB").resolve(49_999, 50) == index_module.FlatKind()
+    assert auto(max_memory="1GB").resolve(50_000, 50) == index_module.IvfKind()  # large: approximate
+    # 1M x 50: IVF-Flat needs 1M * (200 + 8) bytes plus its centroids; 150 MB forces IVF-PQ
+    assert auto(max_memory=gb).resolve(10**6, 50) == index_module.IvfKind()
+    assert index_module.build_footprint(index_module.IvfKind(), 10**6, 50) > 208 * 10**6
+    pq = auto(max_memory="150MB").resolve(10**6, 50)
+    assert isinstance(pq, index_module.IvfPqKind)
+    larger = [m for m in range(pq.pq_m + 1, 51) if 50 % m == 0][0]  # the next finer code does not fit
+    assert index_module.build_footprint(pq, 10**6, 50) <= 150 * 10**6
+    assert index_module.build_footprint(index_module.IvfPqKind(pq_m=larger), 10**6, 50) > 150 * 10**6
+    assert auto(max_memory="400MB").resolve(10**6, 50) == index_module.IvfKind()
+    # a small collection that does not fit flat goes approximate; on_disk always builds IVF lists in a file
+    assert auto(max_memory="8.3MB").resolve(40_000, 50) == index_module.FlatKind()  # 8 MB + held-out queries
+    with pytest.raises(ConfigError, match="too small"):
+        auto(max_memory="8.1MB").resolve(40_000, 50)  # approximate kinds need their training sample too
+    assert auto(on_disk=True).resolve(1_000, 50) == index_module.IvfKind(on_disk=True)
+    with pytest.raises(ConfigError, match=r"max_memory 1.05 MB is too small for 10000000 vectors.*on_disk") as error:
+        auto(max_memory="1MiB").resolve(10**7, 50)
+    assert_one_line(error)
+    assert set(index_module.INDEX_KINDS.names()) == {"auto", "flat", "hnsw", "ivf", "ivf-pq"}
+
+
+@pytest.mark.parametrize(("value", "expected"), [(2**20, 2**20), ("4GB", 4 * 10**9), ("512MiB", 512 * 2**20),
+                                                 ("1.5 gb", 1_500_000_000), ("3000000", 3_000_000)])
+def test_max_memory_is_parsed(value, expected):
+    assert index_module.parse_memory(value) == expected
+    assert index_module.AutoKind(max_memory=value).max_memory_bytes == expected
+
+
+@pytest.mark.parametrize(("field", "value", "fragment"), [
+    ("max_memory", "4 parsecs", "max_memory must be a size"), ("max_memory", "10kB", "at least 1MiB"),
+    ("max_memory", True, "max_memory"), ("min_recall", 0, r"min_recall must be a number in \(0, 1\]"),
+    ("min_recall", 1.5, "min_recall must be"), ("on_disk", "maybe", "on_disk")])
+def test_bad_auto_settings_are_refused_when_the_config_loads(field, value, fragment):
+    from retrieval.config import load_config
+
+    with pytest.raises(ConfigError, match=fragment) as error:
+        load_config(None, ["index.kind=auto", f"index.{field}={value}"])
+    assert_one_line(error)
+    assert "index" in str(error.value)
+
+
+def test_auto_settings_load_from_the_config():
+    from retrieval.config import load_config
+
+    config = load_config(None, ["index.max_memory=4GB", "index.min_recall=0.9", "index.on_disk=true"])
+    assert config.index.params == index_module.AutoKind(max_memory="4GB", min_recall=0.9, on_disk=True)
+    with pytest.raises(ConfigError, match="index kind 'flat' takes no parameter|parameters of index kind 'flat'"):
+        load_config(None, ["index.kind=flat", "index.min_recall=0.9"])  # never silently ignored
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_auto_reaches_min_recall_where_the_old_choice_did_not(monkeypatch, metric):
+    """Isotropic 20k x 50: the old auto (IVF, nprobe 64) finds ~0.7 of the top 10; auto now tunes nprobe."""
+    monkeypatch.setattr(index_module, "AUTO_FLAT_MAX", 10_000)  # 20k then gets an approximate index, as 50k+ do
+    data = isotropic(20_300, seed=5)
+    if metric == "ip":
+        data /= np.linalg.norm(data, axis=1, keepdims=True)
+    base, queries = data[:20_000], data[20_000:]  # fresh queries, never seen by the build
+    exact = brute_force(base, queries, 10, metric)[1]
+    old = VectorIndex.build(base, meta(0, 20_000), kind="ivf", nprobe=64, metric=metric, stamp=STAMP)
+    assert recall(old.search(queries, 10).ids, exact) < 0.85
+    new = VectorIndex.build(base, meta(0, 20_000), kind="auto", metric=metric, stamp=STAMP)
+    info = new.build_info
+    assert new.kind == info["kind"] == "ivf" and info["requested"] == "auto" and info["min_recall"] == 0.95
+    assert info["recall@10"] >= 0.95 and info["params"] == new.search_params
+    assert recall(new.search(queries, 10).ids, exact) >= 0.93  # the held-out estimate holds on fresh queries
+    # the tuning kept the smallest nprobe that met the target: the trial just below it fell short
+    trials = {trial["nprobe"]: trial["recall@10"] for trial in info["trials"]}
+    assert trials[new.search_params["nprobe"]] == info["recall@10"]
+    assert max(r for n, r in trials.items() if n < new.search_params["nprobe"]) < 0.95
+
+
+def test_measured_recall_equals_brute_force_on_the_held_out_rows(small):
+    """build_info's recall is recall@10 of the held-out rows against numpy brute force, own row left out."""
+    base, _ = small
+    index = VectorIndex.build(base, meta(0, 3_000), kind="ivf", nlist=40, nprobe=2, stamp=STAMP, seed=3)
+    held_out, _train = index_module.sample_rows(3_000, index_module.recall_query_count(3_000),
+                                                index.build_info["train_size"], seed=3)
+    found = index.search(base[held_out], 11).ids
+    exact = brute_force(base, base[held_out], 11, "l2")[1]
+    hits = [len({*[i for i in f if i != own][:10]} & {*[i for i in e if i != own][:10]})
+            for own, f, e in zip(held_out, found, exact)]
+    assert index.build_info["recall@10"] == round(sum(hits) / (10 * len(held_out)), 4) < 1.0
+    assert index.build_info["trials"] == [{"nprobe": 2, "recall@10": index.build_info["recall@10"]}]
+    assert index.build_info["min_recall"] is None  # an explicit kind is measured, not tuned
+
+
+def test_unreachable_min_recall_is_a_one_line_error(monkeypatch):
+    data = isotropic(5_000, dim=8, seed=6)
+    # as if the budget left room for 1-byte codes only (see test_auto_picks_by_size_and_memory_budget):
+    # 8 dims in one byte cannot reach 0.95, whatever nprobe
+    monkeypatch.setattr(index_module.AutoKind, "resolve", lambda self, n, dim: index_module.IvfPqKind(pq_m=1))
+    with pytest.raises(ConfigError, match=r"ivf-pq \(nlist=\d+, nprobe=\d+, pq_m=1\) reaches recall@10 0\.\d+ "
+                                          r"over all its lists, below index.min_recall 0.95; raise") as error:
+        VectorIndex.build(data, meta(0, 5_000), kind="auto", max_memory="1GB", stamp=STAMP)
+    assert_one_line(error)
+    lists, probed = re.search(r"nlist=(\d+), nprobe=(\d+)", str(error.value)).groups()
+    assert lists == probed  # tuned up to every list before giving up
+    # lowering min_recall explicitly accepts the coarse index, and its stamp says how coarse it is
+    index = VectorIndex.build(data, meta(0, 5_000), kind="auto", min_recall=0.05, stamp=STAMP)
+    assert index.kind == "ivf-pq" and 0.05 <= index.build_info["recall@10"] < 0.95
+
+
+def test_stamp_records_the_choice_and_the_recall(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "AUTO_FLAT_MAX", 1_000)
+    data = clustered(4_000, seed=7)
+    index = VectorIndex.build(data, meta(0, 4_000), kind="auto", min_recall=0.9, stamp=STAMP)
+    index.save(tmp_path / "ix")
+    info = json.loads((tmp_path / "ix" / STAMP_FILE).read_text())
+    assert info["build"] == index.build_info and info["build"]["recall@10"] >= 0.9
+    assert info["build"]["params"] == info["search_params"] == index.search_params
+    assert info["stamp"] == STAMP  # the model identity is unchanged
+    assert VectorIndex.load(tmp_path / "ix", expected_stamp=STAMP).build_info == index.build_info
+    flat = VectorIndex.build(data[:500], meta(0, 500), stamp=STAMP)
+    assert flat.kind == "flat" and flat.build_info["recall@10"] == 1.0 and flat.build_info["trials"] == []
+
+
+def test_ivf_pq_round_trip_and_code_size(tmp_path, small):
+    base, queries = small
+    index = VectorIndex.build(base, meta(0, 3_000), kind="ivf-pq", pq_m=10, nlist=20, nprobe=20, stamp=STAMP)
+    assert index.kind == "ivf-pq" and index.search_params == {"nlist": 20, "nprobe": 20, "pq_m": 10}
+    assert recall(index.search(queries, 10).ids, brute_force(base, queries, 10, "l2")[1]) >= 0.5
+    index.save(tmp_path / "pq")
+    loaded = VectorIndex.load(tmp_path / "pq")
+    np.testing.assert_array_equal(loaded.search(queries, 10).ids, index.search(queries, 10).ids)
+    with pytest.raises(ConfigError, match="pq_m must divide the dimension 50, got 7"):
+        VectorIndex.build(base, meta(0, 3_000), kind="ivf-pq", pq_m=7, stamp=STAMP)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_chunked_build_equals_one_shot_build(small, kind):
+    base, queries = small
+    chunks = [base[:700], base[700:701], base[701:2_500], base[2_500:]]
+    one_shot = VectorIndex.build(base, meta(0, 3_000), kind=kind, stamp=STAMP, seed=4)
+    chunked = index_module.build_index_from_chunks(chunks, 3_000, 50, meta(0, 3_000), kind=kind, stamp=STAMP,
+                                                   seed=4)
+    a, b = one_shot.search(queries, 10), chunked.search(queries, 10)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert chunked.metadata_for([2_999]) == meta(2_999, 3_000) and chunked.build_info == one_shot.build_info
+    if kind == "ivf":  # the same as faiss trained on the sampled rows and filled with everything
+        held_out, train = index_module.sample_rows(3_000, 300, min(chunked.build_info["train_size"], 2_700), 4)
+        assert len(train) == chunked.build_info["train_size"] and not set(held_out) & set(train)
+        reference = index_module.IvfKind().make(50, faiss.METRIC_L2, 3_000, seed=4)
+        reference.train(base[train])
+        reference.add(base)
+        reference.nprobe = chunked.search_params["nprobe"]
+        np.testing.assert_array_equal(reference.search(queries, 10)[1], b.ids)
+
+
+def test_chunked_build_never_holds_all_vectors(small):
+    """Chunks are read twice (sample, then add); only the sampled rows are copied in the first pass."""
+    base, _ = small
+    reads = []
+
+    class Chunks:
+        def __iter__(self):
+            for start in range(0, 3_000, 500):
+                reads.append(start)
+                yield base[start:start + 500]
+
+    index = index_module.build_index_from_chunks(Chunks(), 3_000, 50, kind="ivf", nlist=10, stamp=STAMP)
+    assert len(index) == 3_000 and reads == list(range(0, 3_000, 500)) * 2
+    with pytest.raises(ConfigError, match="re-iterable"):
+        index_module.build_index_from_chunks(iter([base]), 3_000, 50, kind="flat", stamp=STAMP)
+    with pytest.raises(DataError, match="hold 2500 vectors but 3000 were announced"):
+        index_module.build_index_from_chunks([base[:2_500]], 3_000, 50, kind="flat", stamp=STAMP)
+    with pytest.raises(DataError, match=r"chunk 1 have shape \(10, 3\)"):
+        index_module.build_index_from_chunks([base[:10], np.zeros((10, 3))], 20, 50, kind="ivf", stamp=STAMP)
+
+
+def test_npy_chunks_build(tmp_path, small):
+    base, queries = small
+    paths = []
+    for number, start in enumerate(range(0, 3_000, 1_000)):
+        paths.append(tmp_path / f"part{number}.npy")
+        np.save(paths[-1], base[start:start + 1_000].astype(np.float16))  # embedding shards may be float16
+    chunks = index_module.NpyChunks(paths)
+    assert (chunks.count, chunks.dim) == (3_000, 50)
+    index = index_module.build_index_from_chunks(chunks, chunks.count, chunks.dim, kind="flat", stamp=STAMP)
+    expected = VectorIndex.build(base.astype(np.float16).astype(np.float32), meta(0, 3_000), kind="flat",
+                                 stamp=STAMP)
+    np.testing.assert_array_equal(index.search(queries, 10).ids, expected.search(queries, 10).ids)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivf-pq"])
+def test_on_disk_lists_round_trip(tmp_path, small, kind):
+    base, queries = small
+    params = {"nlist": 30, "nprobe": 5, **({"pq_m": 5} if kind == "ivf-pq" else {})}
+    in_memory = VectorIndex.build(base, meta(0, 3_000), kind=kind, stamp=STAMP, **params)
+    chunks = [base[:1_000], base[1_000:2_200], base[2_200:]]
+    on_disk = index_module.build_index_from_chunks(chunks, 3_000, 50, meta(0, 3_000), kind=kind, on_disk=True,
+                                                   stamp=STAMP, workdir=tmp_path, **params)
+    assert on_disk.on_disk and not in_memory.on_disk and on_disk.build_info["on_disk"]
+    expected = in_memory.search(queries, 10)
+    for index in (on_disk, None):
+        if index is None:  # written, then reopened from the folder
+            on_disk.save(tmp_path / "ix")
+            assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == sorted(
+                [INDEX_FILE, METADATA_FILE, STAMP_FILE, index_module.ONDISK_LISTS_FILE])
+            index = VectorIndex.load(tmp_path / "ix", expected_stamp=STAMP)
+            assert index.on_disk and index.kind == kind and index.metadata_for([7]) == meta(7, 8)
+        found = index.search(queries, 10)
+        np.testing.assert_array_equal(found.ids, expected.ids)
+        np.testing.assert_allclose(found.scores, expected.scores, rtol=1e-6)
+    with pytest.raises(ConfigError, match="on-disk inverted lists cannot grow"):
+        index.add(base[:2], meta(0, 2))
+    (tmp_path / "ix" / index_module.ONDISK_LISTS_FILE).unlink()
+    with pytest.raises(DataError, match="index.ivfdata is missing"):
+        VectorIndex.load(tmp_path / "ix")
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
