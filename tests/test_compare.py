@@ -71,7 +71,8 @@ def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
     assert families == {"triplet-farthest": "triplet", "sigmoid-ce": "cross-entropy", "softmax-ce": "cross-entropy",
                         "conse": "reference"}
     recipe = next(v["recipe"]["loss"] for v in results["variants"] if v["name"] == "triplet-farthest")
-    assert recipe == {"name": "triplet", "margin": 0.4, "squared": False, "negatives": "farthest"}  # every setting
+    assert recipe == {"name": "triplet", "margin": 0.4, "squared": False, "negatives": "farthest",
+                      "far_quantile": None, "far_distance": None}  # every setting
     assert results["command"].startswith("retrieval compare --config")
     assert results["base_config"]["train"]["epochs"] == 2 and results["num_seeds"] == 2
 
