@@ -1,7 +1,7 @@
 """``retrieval compare --config configs/compare_demo.yaml``: train every variant × seed, then write a report.
 
 The compare config names a base run config, the variants (``set`` overrides such as
-``loss.negatives=soft`` or ``loss={name: sigmoid-ce}``, or ``kind: conse``), the seeds and the output
+``loss.negatives=far-random`` or ``loss={name: sigmoid-ce}``, or ``kind: conse``), the seeds and the output
 folder. Shards are prepared first when the base config's shard folder has none. Writes
 ``<out>/results.json``, ``<out>/report.md`` and PNG plots; finished runs whose config is unchanged
 are reused unless ``--fresh`` is given.

@@ -19,6 +19,7 @@ from retrieval.errors import DataError
 from retrieval.io import atomic_path
 from retrieval.losses import CrossModalLoss, build_loss
 from retrieval.models import ImageEncoder, create_encoder
+from retrieval.negatives import RENAMED
 from retrieval.rundir import RunDir
 from retrieval.targets import restore_caption_encoder
 from retrieval.text import TextEncoder
@@ -99,15 +100,20 @@ def upgrade_saved_config(values: dict) -> dict:
 
     The old ``loss`` section had ``margin``, ``squared`` and ``negatives``, which only the triplet
     loss read (over any of the same name in ``params``), and ``params`` for every loss: this builds
-    the loss those checkpoints were trained with.
+    the loss those checkpoints were trained with. Negative samplers renamed since (``hard`` →
+    ``farthest``, ``soft`` → ``far-random``) are read under their new names.
     """
     loss = values.get("loss")
-    if not isinstance(loss, dict) or "params" not in loss:
+    if not isinstance(loss, dict):
         return values
-    settings = dict(loss.get("params") or {})
-    if loss.get("name", "triplet") == "triplet":
-        settings.update({key: loss[key] for key in ("margin", "squared", "negatives") if key in loss})
-    return {**values, "loss": {"name": loss.get("name", "triplet"), **settings}}
+    if "params" in loss:
+        settings = dict(loss.get("params") or {})
+        if loss.get("name", "triplet") == "triplet":
+            settings.update({key: loss[key] for key in ("margin", "squared", "negatives") if key in loss})
+        loss = {"name": loss.get("name", "triplet"), **settings}
+    if loss.get("name", "triplet") == "triplet" and loss.get("negatives") in RENAMED:
+        loss = {**loss, "negatives": RENAMED[loss["negatives"]]}
+    return {**values, "loss": loss} if loss is not values["loss"] else values
 
 
 def _vectors_source(text: TextConfig, run: RunDir) -> str:

@@ -151,7 +151,8 @@ def _check(config: CompareConfig, where: str) -> None:
     for i, variant in enumerate(config.variants):
         if not _NAME.match(variant.name):
             raise ConfigError(f"{where}.variants[{i}]: each variant needs a name of letters, digits, '_', '.', '+' "
-                              f"or '-', e.g. {{name: triplet-hard, set: [loss.negatives=hard]}}; got {variant.name!r}")
+                              f"or '-', e.g. {{name: triplet-farthest, set: [loss.negatives=farthest]}}; "
+                              f"got {variant.name!r}")
         if variant.kind not in KINDS:
             raise ConfigError(f"{where}.variants[{i}].kind: must be one of {', '.join(KINDS)}, got {variant.kind!r}")
         if variant.top_t < 1:

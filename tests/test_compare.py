@@ -20,7 +20,7 @@ from retrieval.rundir import RunDir
 from tests.conftest import PROJECT_ROOT
 
 VARIANTS = [
-    {"name": "triplet-hard", "set": ["loss.name=triplet", "loss.negatives=hard"]},
+    {"name": "triplet-farthest", "set": ["loss.name=triplet", "loss.negatives=farthest"]},
     # loss={...} replaces the base's triplet section (margin, negatives) with one of its own
     {"name": "sigmoid-ce", "set": ["loss={name: sigmoid-ce}", "model.normalize_output=false"]},
     {"name": "softmax-ce", "set": ["loss={name: softmax-ce}"]},  # no class labels here: skipped with a note
@@ -55,7 +55,7 @@ def comparison(sample_shards, tmp_path_factory):
 def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
     out, results, _ = comparison
     status = {v["name"]: v["status"] for v in results["variants"]}
-    assert status["triplet-hard"] == status["sigmoid-ce"] == "ok" and status["softmax-ce"] == "skipped"
+    assert status["triplet-farthest"] == status["sigmoid-ce"] == "ok" and status["softmax-ce"] == "skipped"
     assert "class labels" in next(v["note"] for v in results["variants"] if v["name"] == "softmax-ce")
     cached = sorted(p.name for p in (out / "feature_cache").iterdir())  # one file per split, for every run
     assert len(cached) == 2 and cached[0].startswith("train-") and cached[1].startswith("val-")
@@ -68,10 +68,11 @@ def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
             assert {k: run["metrics"][k] for k in stored} == pytest.approx(stored, abs=1e-6)
         assert len(variant["summary"]["recall_curve"]["text_to_image"]) == 10
     families = {v["name"]: v["family"] for v in results["variants"]}  # what each loss declares
-    assert families == {"triplet-hard": "triplet", "sigmoid-ce": "cross-entropy", "softmax-ce": "cross-entropy",
+    assert families == {"triplet-farthest": "triplet", "sigmoid-ce": "cross-entropy", "softmax-ce": "cross-entropy",
                         "conse": "reference"}
-    recipe = next(v["recipe"]["loss"] for v in results["variants"] if v["name"] == "triplet-hard")
-    assert recipe == {"name": "triplet", "margin": 0.4, "squared": False, "negatives": "hard"}  # every setting
+    recipe = next(v["recipe"]["loss"] for v in results["variants"] if v["name"] == "triplet-farthest")
+    assert recipe == {"name": "triplet", "margin": 0.4, "squared": False, "negatives": "farthest",
+                      "far_quantile": None, "far_distance": None}  # every setting
     assert results["command"].startswith("retrieval compare --config")
     assert results["base_config"]["train"]["epochs"] == 2 and results["num_seeds"] == 2
 
@@ -155,14 +156,15 @@ def hand_made_results() -> dict:
                "history": [], "distance": "l2", "metrics": {}, "chance": {}, "zero_shot": None, "relevance": "class",
                "num_captions": 200, "recall_curve": {}, "examples": {}, "example_matches": {}}
         return {"name": name, "kind": "train", "set": [f"loss.name={loss}"], "optional": False, "family": family,
-                "loss": loss, "negatives": "hard", "text_vectors": vectors, "recipe": {}, "status": "ok", "note": None,
+                "loss": loss, "negatives": "farthest", "text_vectors": vectors, "recipe": {}, "status": "ok",
+                "note": None,
                 "runs": [run],
                 "summary": {"num_runs": 3, "metrics": stats, "zero_shot": zero,
                             "wall_seconds": {"mean": 12.5, "std": 0.5}, "train_seconds": {"mean": 10.25, "std": 0.25},
                             "recall_curve": {"text_to_image": [0.1, 0.3], "image_to_text": [0.2, 0.4]}}}
 
     zero = {f"text_to_image/{m}": {"mean": 0.25, "std": 0.05} for m in ("R@1", "R@5", "R@10", "mAP", "MedR")}
-    triplet = {"name": "triplet-hard", "mean": 0.45, "std": 0.02, "runs": 3}
+    triplet = {"name": "triplet-farthest", "mean": 0.45, "std": 0.02, "runs": 3}
     sigmoid = {"name": "sigmoid-ce", "mean": 0.33, "std": 0.03, "runs": 3, "margin": 0.12}
     return {
         "format": "retrieval-compare/2", "name": "hand", "command": "retrieval compare --config hand.yaml",
@@ -173,12 +175,12 @@ def hand_made_results() -> dict:
                  "relevance": "class"},
         "chance": {"text_to_image/R@5": 0.125}, "zero_shot_chance": {"text_to_image/R@5": 0.0625},
         "zero_shot_queries": [{"label": 5, "name": "sandal", "known": True}],
-        "variants": [variant("triplet-hard", "triplet", 0.45, 0.02, zero=zero),
+        "variants": [variant("triplet-farthest", "triplet", 0.45, 0.02, zero=zero),
                      variant("sigmoid-ce", "sigmoid-ce", 0.33, 0.03, family="cross-entropy"),
                      {"name": "softmax-ce", "kind": "train", "set": [], "optional": False, "family": "cross-entropy",
-                      "loss": "softmax-ce", "negatives": "hard", "text_vectors": "glove-6b-50d", "recipe": {},
+                      "loss": "softmax-ce", "negatives": "farthest", "text_vectors": "glove-6b-50d", "recipe": {},
                       "status": "skipped", "note": "needs class labels", "runs": []}],
-        "verdict": {"metric": "text_to_image/R@5", "ranking": ["triplet-hard", "sigmoid-ce"], "winner": triplet,
+        "verdict": {"metric": "text_to_image/R@5", "ranking": ["triplet-farthest", "sigmoid-ce"], "winner": triplet,
                     "runner_up": sigmoid, "best_cross_entropy": sigmoid,
                     "triplet_vs_cross_entropy": {"triplet": triplet, "cross_entropy": sigmoid,
                                                  "vectors": "glove-6b-50d"}},
@@ -191,15 +193,15 @@ def test_render_report_states_the_winner_and_its_margins():
     typed = ComparisonResults.from_json(results)
     assert typed.to_json() == results
     report = render_report(typed)
-    assert ("**`triplet-hard` wins**: it beats `sigmoid-ce` by +0.120 text→image R@5 (0.450 ± 0.020 vs "
+    assert ("**`triplet-farthest` wins**: it beats `sigmoid-ce` by +0.120 text→image R@5 (0.450 ± 0.020 vs "
             "0.330 ± 0.030, 3 seeds).") in report
     assert "Over the best cross-entropy variant `sigmoid-ce`: +0.120" in report
-    assert "Triplet vs cross-entropy on `glove-6b-50d` targets: best triplet `triplet-hard`" in report
+    assert "Triplet vs cross-entropy on `glove-6b-50d` targets: best triplet `triplet-farthest`" in report
     assert "**triplet** retrieves better" in report and "Chance level of text→image R@5: 0.125." in report
     assert "## Zero-shot retrieval" in report and "`sandal`" in report and "0.250 ± 0.050" in report
     assert "- `softmax-ce`: `needs class labels`" in report
-    assert ("| `triplet-hard` | train | `triplet` (`hard` negatives) | `glove-6b-50d` | 12.5 ± 0.5 | 10.2 ± 0.2 |"
-            in report)
+    assert ("| `triplet-farthest` | train | `triplet` (`farthest` negatives) | `glove-6b-50d` | 12.5 ± 0.5 "
+            "| 10.2 ± 0.2 |" in report)
     assert "into the shared cache, 3.5 s; a first load of each text side, so that no run pays a cold start: " \
            "`glove-6b-50d` 1.5 s." in report
     check_numbers_come_from(results, report)

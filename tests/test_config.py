@@ -64,7 +64,7 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    config = load_config(None, ["train.epochs=9", "loss.negatives=soft"])
+    config = load_config(None, ["train.epochs=9", "loss.negatives=far-random"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
     offline = load_config(None, ["loss={name: triplet-offline, margin: 0.3, pool_size: 64, squared: true}"])
@@ -91,7 +91,7 @@ def test_loss_settings_are_checked_when_the_config_is_loaded(tmp_path):
 
 
 def test_switching_the_loss_name_keeps_the_other_settings_and_checks_them():
-    demo = PROJECT_ROOT / "configs" / "demo.yaml"  # loss: {name: triplet, margin: 0.4, negatives: hard}
+    demo = PROJECT_ROOT / "configs" / "demo.yaml"  # loss: {name: triplet, margin: 0.4, negatives: farthest}
     mined = load_config(demo, ["loss.name=triplet-mined", "loss={name: triplet-mined, margin: 0.4}"])
     assert mined.loss == LossConfig("triplet-mined", {"margin": 0.4})
     contrastive = load_config(None, ["loss.margin=0.3", "loss.name=contrastive"])  # contrastive has a margin too

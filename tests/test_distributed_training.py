@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 # the cached-feature path on a small random backbone: seconds per run, and no BatchNorm in what trains,
 # so one process with the global batch and two processes with half of it each compute the same thing
 TINY = ("model.backbone=resnet18", "model.weights=random", "data.image_size=32", "train.eval_every=2",
-        "loss={name: triplet, margin: 0.4, negatives: soft}")
+        "loss={name: triplet, margin: 0.4, negatives: far-random}")
 
 KILL_AFTER_STEP_CHECKPOINT = """
 import os, signal, sys
@@ -145,7 +145,7 @@ def test_resume_is_refused_without_a_training_state_or_with_another_config(sampl
 
 
 STREAMED = ("model.backbone=resnet18", "model.weights=random", "model.freeze_backbone=false", "data.image_size=32",
-            "train.eval_every=2", "loss={name: triplet, margin: 0.4, negatives: soft}")
+            "train.eval_every=2", "loss={name: triplet, margin: 0.4, negatives: far-random}")
 
 
 def test_streamed_fine_tuning_under_two_processes_has_a_fixed_epoch_and_resumes_exactly(sample_shards, tmp_path):

@@ -26,7 +26,6 @@ from retrieval.distances import COSINE, DISTANCES, L2, SQUARED_L2
 from retrieval.errors import ConfigError
 from retrieval.losses import LOSSES, LossFamily, build_loss, create_loss, describe_loss
 from retrieval.losses.settings import settings_of
-from retrieval.negatives import create_negative_sampler
 
 Rows = list[list[float]]
 
@@ -132,7 +131,7 @@ def ref_triplet_hard(images: Rows, captions: Rows, labels: list[int], margin: fl
 
 def test_triplet_hand_value_and_gradient() -> None:
     # caption distances: |t0-t1| 2, |t0-t2| 3, |t1-t2| sqrt(13): hard negatives are 2, 2, 1
-    loss = create_loss("triplet", margin=2.0, negatives="hard")
+    loss = create_loss("triplet", margin=2.0, negatives="farthest")
     output, grad = run(loss, TRIPLET_IMAGES, TRIPLET_CAPTIONS, None)
     labels = [0, 1, 2]
     assert output.value.item() == pytest.approx(ref_triplet_hard(TRIPLET_IMAGES, TRIPLET_CAPTIONS, labels, 2.0))
@@ -147,37 +146,6 @@ def test_triplet_hand_value_and_gradient() -> None:
     assert torch.allclose(grad, t64(expected), atol=1e-12)
     positive_distances = [dist(f, t) for f, t in zip(TRIPLET_IMAGES, TRIPLET_CAPTIONS)]
     assert output.mean_pos_distance == pytest.approx(sum(positive_distances) / 3)
-
-
-def line(points: list[float]) -> torch.Tensor:
-    return t64([[x, 0.0] for x in points])
-
-
-def draws(name: str, captions: torch.Tensor, labels: torch.Tensor, count: int = 400) -> list[set[int]]:
-    """The set of negatives each row received over ``count`` draws."""
-    sampler, generator = create_negative_sampler(name), torch.Generator().manual_seed(0)
-    picks = torch.stack([sampler(captions, labels, generator) for _ in range(count)])
-    return [set(column.tolist()) for column in picks.T]
-
-
-def test_hard_negatives_are_the_farthest_non_positive_caption() -> None:
-    sampler = create_negative_sampler("hard")
-    assert sampler(line([0, 1, 5, 6]), torch.arange(4)).tolist() == [3, 3, 0, 0]
-    # rows 0 and 3 share a label, so neither is the other's negative
-    assert sampler(line([0, 1, 5, 6]), torch.tensor([0, 1, 2, 0])).tolist() == [2, 3, 0, 1]
-
-
-def test_soft_negatives_only_among_farther_than_mean() -> None:
-    # off-diagonal mean distance 44/12 = 3.67: rows 0, 1 may only draw {2, 3}, rows 2, 3 only {0, 1}
-    assert draws("soft", line([0, 1, 5, 6]), torch.arange(4)) == [{2, 3}, {2, 3}, {0, 1}, {0, 1}]
-    # mean 13.3: the middle caption has nothing farther, so it gets its farthest (first on ties)
-    assert draws("soft", line([-10, 0, 10]), torch.arange(3)) == [{2}, {0}, {0}]
-
-
-def test_random_negatives_never_positive_and_cover_every_candidate() -> None:
-    labels = torch.tensor([0, 0, 1, 1, 2])
-    expected = [{c for c in range(5) if labels[c] != labels[r]} for r in range(5)]
-    assert draws("random", line([0, 1, 2, 3, 4]), labels) == expected
 
 
 # ---------------------------------------------------------------- regression
@@ -597,10 +565,13 @@ CHANGED_SETTINGS = {
     "quadruplet": {"margin": 1.5, "second_margin": 0.2, "squared": True},
     "sigmoid-ce": {},
     "softmax-ce": {},
-    "triplet": {"margin": 2.5, "squared": True, "negatives": "random"},
+    "triplet": {"margin": 2.5, "squared": True, "negatives": "random", "far_quantile": 0.9, "far_distance": 4.0},
     "triplet-mined": {"margin": 2.5, "mining": "hard", "squared": True},
     "triplet-offline": {"margin": 2.5, "squared": True, "bank_size": 2, "pool_size": 24},
 }
+# Settings that act only beside another one: both the default and the changed loss get it.
+SETTING_CONTEXT = {("triplet", "far_quantile"): {"negatives": "far-hardest"},
+                   ("triplet", "far_distance"): {"negatives": "far-hardest"}}
 
 
 def configured_loss(name: str, **settings):
@@ -631,8 +602,9 @@ def test_the_settings_table_covers_every_setting_of_every_registered_loss() -> N
 @pytest.mark.parametrize("name,setting", [(n, s) for n, changed in CHANGED_SETTINGS.items() for s in changed])
 def test_every_setting_of_every_loss_takes_effect(name: str, setting: str) -> None:
     value = CHANGED_SETTINGS[name][setting]
-    default = configured_loss(name)
-    changed = configured_loss(name, **{setting: value})
+    context = SETTING_CONTEXT.get((name, setting), {})
+    default = configured_loss(name, **context)
+    changed = configured_loss(name, **context, **{setting: value})
     assert behaviour(changed) != behaviour(default), f"{name}: {setting}={value!r} changed nothing"
 
 

@@ -132,7 +132,8 @@ def test_checkpoints_in_the_old_loss_format_still_load(trained_run, tmp_path):
                                    "params": {}}
 
     model = load_checkpoint(copy_checkpoint(trained_run, tmp_path / "triplet", old_triplet))
-    assert model.config.loss == LossConfig("triplet", {"margin": 0.4, "squared": False, "negatives": "hard"})
+    # renamed on load: hard → farthest
+    assert model.config.loss == LossConfig("triplet", {"margin": 0.4, "squared": False, "negatives": "farthest"})
     assert model.loss.margin == 0.4
     reference = load_checkpoint(trained_run.best_checkpoint)
     pixels = torch.rand(2, 3, 64, 64)

@@ -54,7 +54,7 @@ def test_same_seed_same_run(sample_shards, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("negatives", ["soft", "random"])
+@pytest.mark.parametrize("negatives", ["far-random", "random", "far-hardest", "far-semihard"])
 def test_other_negative_strategies_train(sample_shards, tmp_path, negatives):
     result = fit(demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.epochs=3", "train.eval_every=3",
                              f"loss.negatives={negatives}"), progress=False)

@@ -1,21 +1,35 @@
 """The text-anchored triplet loss ``max(0, m + d(f(i), t+) - d(f(i), t-))``.
 
 ``t+`` is the image's own caption vector, ``t-`` a caption vector that a negative sampler chose far
-from ``t+`` in word-vector space. Written here rather than taken from pytorch-metric-learning
+from ``t+`` in word-vector space (``negatives``; ``far-hardest`` and ``far-semihard`` then pick among
+the far captions by their distance to the image embedding, with the far threshold set by
+``far_quantile`` or ``far_distance``). Written here rather than taken from pytorch-metric-learning
 because the negative is chosen from the *text* side's geometry, which its miners do not express.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import torch
 
 from retrieval.distances import L2, SQUARED_L2
+from retrieval.errors import ConfigError
 from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
 from retrieval.losses.registry import LOSSES
-from retrieval.losses.settings import CheckedBy, NonNegativeFloat
-from retrieval.negatives import NEGATIVE_SAMPLERS, create_negative_sampler
+from retrieval.losses.settings import AtLeast, CheckedBy, NonNegativeFloat
+from retrieval.negatives import FarNegativesByModel, create_negative_sampler, negative_sampler_class
+
+
+def _check_quantile(value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"must be a quantile in [0, 1], got {value!r}")
+
+
+#: optional settings, their checks outside the ``| None`` so that settings_of sees them
+OptionalQuantile = Annotated[float | None, CheckedBy(_check_quantile)]
+OptionalNonNegativeFloat = Annotated[float | None, AtLeast(0.0)]
 
 
 @LOSSES.register("triplet")
@@ -25,16 +39,32 @@ class TextAnchoredTripletLoss(CrossModalLoss):
     family = LossFamily.TRIPLET
 
     def __init__(self, margin: NonNegativeFloat = 1.0, squared: bool = False,
-                 negatives: Annotated[str, CheckedBy(NEGATIVE_SAMPLERS.get)] = "hard", seed: int = 0) -> None:
+                 negatives: Annotated[str, CheckedBy(negative_sampler_class)] = "farthest",
+                 far_quantile: OptionalQuantile = None, far_distance: OptionalNonNegativeFloat = None,
+                 seed: int = 0) -> None:
         super().__init__()
         self.margin = margin
         self.squared = squared
         self.distance = SQUARED_L2 if squared else L2
-        self.sampler = create_negative_sampler(negatives)
+        self.sampler = create_negative_sampler(negatives, far_quantile, far_distance)
         self.generator = torch.Generator().manual_seed(seed)
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        """The far threshold is for the model-aware samplers only, and given one way."""
+        given = [key for key in ("far_quantile", "far_distance") if settings[key] is not None]
+        if given and not issubclass(negative_sampler_class(settings["negatives"]), FarNegativesByModel):
+            raise ConfigError(f"{given[0]}: only negatives far-hardest and far-semihard use a far threshold, "
+                              f"not {settings['negatives']!r}")
+        if len(given) == 2:
+            raise ConfigError("far_quantile and far_distance: give one far threshold, not both")
+
     def compute(self, image_emb, text_emb, labels):
-        negative_index = self.sampler(text_emb, labels, self.generator)
+        image_to_text = None
+        if self.sampler.uses_model:
+            with torch.no_grad():
+                image_to_text = self.distance.matrix(image_emb, text_emb)
+        negative_index = self.sampler(text_emb, labels, self.generator, image_to_text)
         d_pos = self.distance.paired(image_emb, text_emb)
         d_neg = self.distance.paired(image_emb, text_emb[negative_index])
         per_triplet = torch.relu(self.margin + d_pos - d_neg)

@@ -10,7 +10,7 @@ anywhere in the training set, not only the batch.
 
 Batch rows are matched to training captions by their exact vector bytes (the trainer feeds the
 same frozen vectors it passed to ``prepare``); a row not found (e.g. a validation caption) falls
-back to the batch's farthest caption, as ``triplet --negatives hard`` does. Bank entries are not
+back to the batch's farthest caption, as ``triplet`` with ``negatives: farthest`` does. Bank entries are not
 checked against labels: with class labels a far caption may share the class (rare by construction).
 Written here: pytorch-metric-learning has no word-vector-space negative banks.
 
@@ -30,7 +30,7 @@ from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
 from retrieval.losses.miners import farthest_bank, sample_from_bank
 from retrieval.losses.registry import LOSSES
 from retrieval.losses.settings import NonNegativeFloat, PositiveInt
-from retrieval.negatives import HardNegatives
+from retrieval.negatives import FarthestNegatives
 
 
 def _row_keys(vectors: torch.Tensor) -> list[bytes]:
@@ -98,7 +98,7 @@ class OfflineBankTripletLoss(CrossModalLoss):
             drawn = sample_from_bank(self.bank, rows[found], self.generator)
             negative[found.to(text_emb.device)] = self.vectors[drawn].to(text_emb)
         if not bool(found.all()):
-            fallback = HardNegatives()(text_emb, labels)
+            fallback = FarthestNegatives()(text_emb, labels)
             missing = (~found).to(text_emb.device)
             negative[missing] = text_emb[fallback[missing]]
         return negative
