@@ -77,6 +77,7 @@ def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
     assert results["base_config"]["train"]["epochs"] == 2 and results["num_seeds"] == 2
 
 
+@pytest.mark.slow
 def test_report_has_its_sections_rows_and_plots(comparison):
     out, results, report = comparison
     for heading in ("## Verdict", "## Held-out retrieval: text→image", "## Held-out retrieval: image→text",
@@ -130,6 +131,7 @@ def check_numbers_come_from(results: dict, report: str) -> int:
     return len(numbers)
 
 
+@pytest.mark.slow
 def test_every_number_in_the_report_comes_from_results_json(comparison):
     _, results, report = comparison
     typed = ComparisonResults.from_json(results)

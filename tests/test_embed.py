@@ -74,6 +74,7 @@ def run_embed(run_dir: Path, out: Path, *args: str, processes: int = 1, kill_aft
     return done
 
 
+@pytest.mark.slow
 def test_embedding_shards_hold_the_models_embeddings_captions_and_thumbnails(trained_run, tmp_path):
     model = load_checkpoint(trained_run.best_checkpoint)
     shards = all_shards(model)
@@ -102,6 +103,7 @@ def test_embedding_shards_hold_the_models_embeddings_captions_and_thumbnails(tra
     np.testing.assert_array_equal(halves, vectors.astype(np.float16))
 
 
+@pytest.mark.slow
 def test_done_shards_are_skipped_damaged_ones_redone_and_another_model_refused(trained_run, tmp_path):
     model = load_checkpoint(trained_run.best_checkpoint)
     shards, out = all_shards(model), tmp_path / "emb"
@@ -142,6 +144,7 @@ def test_thumbnail_tars_serve_each_key_by_offset_and_without_their_table(tmp_pat
     assert max(max(image.shape[1:]) for image in map(_decoded, jpegs.values())) == 192
 
 
+@pytest.mark.slow
 def test_an_index_built_from_embedding_shards_equals_one_built_from_the_shards(trained_run, tmp_path):
     from retrieval.index import VectorIndex
     from retrieval.indexing import build_index, build_index_from_embeddings

@@ -155,6 +155,7 @@ def test_auto_settings_load_from_the_config():
         load_config(None, ["index.kind=flat", "index.min_recall=0.9"])  # never silently ignored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_auto_reaches_min_recall_where_the_old_choice_did_not(monkeypatch, metric):
     """Isotropic 20k x 50: the old auto (IVF, nprobe 64) finds ~0.7 of the top 10; auto now tunes nprobe."""

@@ -273,6 +273,7 @@ def test_end_to_end_training_on_a_shard_without_captions_is_one_line(sample_shar
     assert f"{shard}: sample {dropped[:-len('.json')]}: no json member" in line
 
 
+@pytest.mark.slow
 def test_an_image_query_that_does_not_decode_names_the_file(caption_vectors_run, capsys, tmp_path):
     image = truncated_jpeg(next(SAMPLE_IMAGES.glob("*.jpg")), tmp_path / "cut.jpg")
     line = one_line_error(capsys, "search", "--run", str(caption_vectors_run), "--image", str(image))

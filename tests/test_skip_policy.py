@@ -11,6 +11,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,6 +91,7 @@ def test_on_error_takes_stop_or_skip_only(capsys, tmp_path):
     assert "data.on_error: must be stop or skip, got 'ignore'" in line
 
 
+@pytest.mark.slow
 def test_training_and_indexing_with_skip_warn_count_and_go_on(small_shards, capsys, tmp_path):  # noqa: F811
     shards, run = tmp_path / "shards", tmp_path / "run"
     shutil.copytree(small_shards, shards)
@@ -110,6 +112,7 @@ def test_training_and_indexing_with_skip_warn_count_and_go_on(small_shards, caps
     assert "data.on_error=skip: skipped 1 item: 1 shard holds fewer samples than its manifest" in captured.out
 
 
+@pytest.mark.slow
 def test_streamed_training_with_skip_passes_over_a_sample_without_captions(sample_shards, capsys, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(sample_shards, shards)
