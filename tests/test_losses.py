@@ -7,6 +7,7 @@ checked against central differences of those references, or against pml's autogr
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from retrieval.config import config_from_dict, load_config
 from retrieval.distances import COSINE, DISTANCES, L2, SQUARED_L2
 from retrieval.errors import ConfigError
 from retrieval.losses import LOSSES, LossFamily, build_loss, create_loss, describe_loss
-from retrieval.losses.settings import settings_of
+from retrieval.losses.settings import AtLeast, PositiveInt, checked_settings, settings_of
 from retrieval.negatives import NEGATIVE_SAMPLERS, NO_NEGATIVE, NegativeSampler
 
 Rows = list[list[float]]
@@ -724,6 +725,12 @@ def test_settings_out_of_range_or_contradicting_are_refused_in_one_line() -> Non
              ({"name": "quadruplet", "second_margin": 2.0}, "second_margin <= margin"),
              ({"name": "double-margin", "pos_margin": 2.0}, "pos_margin < neg_margin"),
              ({"name": "triplet-offline", "pool_size": 8}, "bank_size < pool_size"),
+             ({"name": "triplet-offline", "pool_size": -4}, "loss.pool_size: must be >= 1, got -4"),
+             ({"name": "triplet-offline", "pool_size": 0}, "loss.pool_size: must be >= 1, got 0"),
+             ({"name": "triplet", "negatives": "far-hardest", "far_quantile": 1.5},
+              "loss.far_quantile: must be a quantile in [0, 1]"),
+             ({"name": "triplet", "negatives": "far-hardest", "far_distance": -1.0},
+              "loss.far_distance: must be >= 0.0"),
              ({"name": "triplet", "negatives": "hardest"}, "loss.negatives: unknown negative sampler"),
              ({"name": "triplet-mined", "mining": "hardest"}, "loss.mining: unknown triplet mining"),
              ({"name": "triplet", "squared": "yes"}, "loss.squared: expected bool")]
@@ -731,6 +738,37 @@ def test_settings_out_of_range_or_contradicting_are_refused_in_one_line() -> Non
         with pytest.raises(ConfigError) as error:
             config_from_dict({"loss": section})
         assert needle in str(error.value) and "\n" not in str(error.value), section
+
+
+class OptionalSettings:
+    """A stand-in loss class with optional settings checked inside and outside the ``| None``."""
+
+    def __init__(self, inside: PositiveInt | None = None, outside: Annotated[float | None, AtLeast(0.0)] = None,
+                 plain: int | None = None) -> None: ...
+
+    @classmethod
+    def check_settings(cls, settings) -> None: ...
+
+
+def test_ranges_of_optional_settings_are_checked_when_given() -> None:
+    settings = settings_of(OptionalSettings)
+    assert settings["inside"].annotation == int | None and settings["plain"].checks == ()
+    for key, value in (("inside", 0), ("outside", -1.0)):
+        with pytest.raises(ConfigError, match=f"^loss.{key}: must be >= "):
+            checked_settings(OptionalSettings, "optional", {key: value})
+    given = {"inside": None, "outside": None, "plain": -5}
+    assert checked_settings(OptionalSettings, "optional", given) == given
+    assert checked_settings(OptionalSettings, "optional", {"inside": 3}) == {"inside": 3}
+    # a pool smaller than 1 is refused by its own range, before the rule that joins it to bank_size
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["loss={name: triplet-offline, pool_size: -4}"])
+    assert str(error.value) == "config.loss.pool_size: must be >= 1, got -4"
+
+    class Ambiguous:
+        def __init__(self, size: PositiveInt | str = 1) -> None: ...
+
+    with pytest.raises(TypeError, match="X | None"):  # a check inside another union: to which type?
+        settings_of(Ambiguous)
 
 
 def test_builder_values_are_not_settings() -> None:

@@ -29,7 +29,7 @@ def _check_quantile(value: float | None) -> None:
         raise ConfigError(f"must be a quantile in [0, 1], got {value!r}")
 
 
-#: optional settings, their checks outside the ``| None`` so that settings_of sees them
+#: optional settings (a check outside the ``| None`` also sees None; one inside it only a given value)
 OptionalQuantile = Annotated[float | None, CheckedBy(_check_quantile)]
 OptionalNonNegativeFloat = Annotated[float | None, AtLeast(0.0)]
 
