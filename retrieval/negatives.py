@@ -20,6 +20,10 @@ quantile, so the threshold is one of those distances and a caption exactly at it
 fixed distance (``far_distance``). A row with no far caption takes its farthest one. Ties go to the
 lowest batch index.
 
+A row whose label fills the whole batch (a short last batch can hold a single image's captions) has
+no candidate at all: it gets :data:`NO_NEGATIVE` and the losses leave it out (a batch where no row
+has a negative contributes a zero loss).
+
 Both sides of the renaming: the old names ``hard`` and ``soft`` are refused with the new ones
 (:data:`RENAMED`); saved configs that used them are upgraded when read (``retrieval.checkpoint``).
 """
@@ -36,12 +40,17 @@ NEGATIVE_SAMPLERS: Registry[NegativeSampler] = Registry("negative sampler")
 #: old sampler names → the names they are now registered under
 RENAMED = {"hard": "farthest", "soft": "far-random"}
 
+#: the index a row without any candidate negative (every caption shares its label) receives
+NO_NEGATIVE = -1
+
 #: the quantile of the batch's caption distances that ``far-hardest`` and ``far-semihard`` default to
 DEFAULT_FAR_QUANTILE = 0.5
 
 
 class NegativeSampler:
     """Picks one negative index per row; rows sharing a label are never negatives.
+
+    A row with no candidate (every row of the batch shares its label) gets :data:`NO_NEGATIVE`.
 
     ``uses_model``: whether :meth:`select` needs ``image_to_text``, the (B, B) distances from each
     row's image embedding to every caption vector of the batch (row ``i``'s positive is column ``i``).
@@ -53,11 +62,13 @@ class NegativeSampler:
                  image_to_text: torch.Tensor | None = None) -> torch.Tensor:
         distances = torch.cdist(text_emb, text_emb)
         candidates = labels[:, None] != labels[None, :]
-        if not bool(candidates.any(dim=1).all()):
-            raise ConfigError("negative sampling needs at least two distinct labels in every batch")
         if self.uses_model and image_to_text is None:
             raise ValueError(f"{type(self).__name__} needs the image-to-caption distances")
-        return self.select(distances, candidates, generator, image_to_text)
+        has_negative = candidates.any(dim=1)
+        if not bool(has_negative.any()):
+            return torch.full_like(labels, NO_NEGATIVE, dtype=torch.long)
+        chosen = self.select(distances, candidates, generator, image_to_text)
+        return chosen.masked_fill(~has_negative, NO_NEGATIVE)
 
     def select(self, distances: torch.Tensor, candidates: torch.Tensor, generator: torch.Generator | None,
                image_to_text: torch.Tensor | None = None) -> torch.Tensor:

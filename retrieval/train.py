@@ -14,6 +14,7 @@ continues a stopped run from it, exactly as if it had not stopped.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,22 +73,33 @@ class Position:
 
 @dataclass
 class EpochProgress:
-    """Running sums of an epoch's loss signals (kept in the training state, so a resumed epoch averages all of it)."""
+    """Running sums of an epoch's loss signals (kept in the training state: a resumed epoch averages all of it).
+
+    ``counts``: the batches each signal was defined in (a mean distance is NaN in a batch without such
+    pairs, e.g. no negative pair: that batch is left out of that distance's average); None in states
+    saved before it was kept, where every batch counted.
+    """
 
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     batches: int = 0
     seconds: float = 0.0
+    counts: list[int] | None = None
 
     def add(self, result: LossOutput) -> float:
         """Count one batch; returns its loss value (a device sync)."""
         loss = float(result.value.detach())
         values = (loss, result.active_fraction, result.mean_pos_distance, result.mean_neg_distance)
-        self.sums = [total + value for total, value in zip(self.sums, values)]
+        counts = self.counts if self.counts is not None else [self.batches] * len(values)
+        defined = [True, True] + [not math.isnan(value) for value in values[2:]]  # a NaN loss stays visible
+        self.sums = [total + value if ok else total for total, value, ok in zip(self.sums, values, defined)]
+        self.counts = [count + ok for count, ok in zip(counts, defined)]
         self.batches += 1
         return loss
 
     def stats(self, epoch: int) -> EpochStats:
-        return EpochStats(epoch, *[total / self.batches for total in self.sums], seconds=self.seconds)
+        counts = self.counts if self.counts is not None else [self.batches] * len(self.sums)
+        means = [total / count if count else float("nan") for total, count in zip(self.sums, counts)]
+        return EpochStats(epoch, *means, seconds=self.seconds)
 
 
 def check_names(config: Config) -> None:

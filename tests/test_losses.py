@@ -7,6 +7,7 @@ checked against central differences of those references, or against pml's autogr
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ from retrieval.config import config_from_dict, load_config
 from retrieval.distances import COSINE, DISTANCES, L2, SQUARED_L2
 from retrieval.errors import ConfigError
 from retrieval.losses import LOSSES, LossFamily, build_loss, create_loss, describe_loss
-from retrieval.losses.settings import settings_of
+from retrieval.losses.settings import AtLeast, PositiveInt, checked_settings, settings_of
+from retrieval.negatives import NEGATIVE_SAMPLERS, NO_NEGATIVE, NegativeSampler
 
 Rows = list[list[float]]
 
@@ -357,6 +359,58 @@ def test_quadruplet_hand_values(labels: list[int]) -> None:
     assert output.value.item() > 0
 
 
+# ---------------------------------------------------------------- rows without a negative
+# A short last batch can hold one image's captions only: no row has a negative caption.
+ONE_LABEL_LOSSES = [("triplet", {"negatives": name}) for name in NEGATIVE_SAMPLERS.names()] + [
+    ("triplet-offline", {}), ("quadruplet", {}), ("triplet-mined", {}), ("histogram", {}), ("multi-similarity", {})]
+
+
+@pytest.mark.parametrize("name,settings", ONE_LABEL_LOSSES)
+def test_a_batch_of_one_label_gives_a_zero_loss_that_backpropagates(name: str, settings: dict) -> None:
+    loss = create_loss(name, **settings)
+    loss.prepare(t64([[9.0, 9.0], [8.0, 8.0]]))  # triplet-offline: the batch's captions are not in its bank
+    images = t64(TRIPLET_IMAGES).requires_grad_(True)
+    output = loss(images, t64(TRIPLET_CAPTIONS), torch.zeros(3, dtype=torch.long))
+    assert output.value.item() == 0.0 and output.value.grad_fn is not None
+    output.value.backward()
+    assert torch.equal(images.grad, torch.zeros_like(images))
+    assert output.active_fraction == 0.0
+
+
+class FixedNegatives(NegativeSampler):
+    """A sampler stand-in that gives the negatives it was made with (row 1: none)."""
+
+    def __call__(self, text_emb, labels, generator=None, image_to_text=None):
+        return torch.tensor([2, NO_NEGATIVE, 1])
+
+
+def test_a_row_without_a_negative_is_left_out_of_the_triplet_mean() -> None:
+    loss = create_loss("triplet", margin=2.0)
+    loss.sampler = FixedNegatives()
+    images, captions = TRIPLET_IMAGES, TRIPLET_CAPTIONS
+
+    def reference(rows: Rows) -> float:  # rows 0 and 2 only, halved
+        return (max(0.0, 2.0 + dist(rows[0], captions[0]) - dist(rows[0], captions[2]))
+                + max(0.0, 2.0 + dist(rows[2], captions[2]) - dist(rows[2], captions[1]))) / 2
+
+    output = check(loss, images, captions, [0, 1, 2], reference)
+    assert reference(images) > 0
+    assert output.mean_pos_distance == pytest.approx((dist(images[0], captions[0]) + dist(images[2], captions[2])) / 2)
+    assert output.mean_neg_distance == pytest.approx((dist(images[0], captions[2]) + dist(images[2], captions[1])) / 2)
+
+
+def test_triplet_offline_leaves_out_a_row_outside_the_bank_without_a_batch_negative() -> None:
+    loss = create_loss("triplet-offline", margin=10.0, bank_size=1)
+    loss.prepare(t64([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0], [6.0, 0.0]]))  # farthest: 3, 3, 0, 0
+    # one label: rows 0, 1 draw from their banks ((6, 0) and (0, 0)); row 2 is not a training caption
+    # and the batch holds no caption of another label, so it has no term
+    images, captions = [[0.0, 1.0], [5.0, 1.0], [2.0, 2.0]], [[0.0, 0.0], [5.0, 0.0], [2.5, 0.0]]
+    reference = lambda rows: sum(  # noqa: E731
+        max(0.0, 10.0 + dist(f, t) - dist(f, n)) for f, t, n in zip(rows, captions, [[6.0, 0.0], [0.0, 0.0]])
+    ) / 2
+    check(loss, images, captions, [0, 0, 0], reference)
+
+
 # ---------------------------------------------------------------- offline bank
 def test_triplet_offline_bank_value_fallback_and_refresh() -> None:
     training = t64([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0], [6.0, 0.0]])  # farthest: 3, 3, 0, 0
@@ -671,6 +725,12 @@ def test_settings_out_of_range_or_contradicting_are_refused_in_one_line() -> Non
              ({"name": "quadruplet", "second_margin": 2.0}, "second_margin <= margin"),
              ({"name": "double-margin", "pos_margin": 2.0}, "pos_margin < neg_margin"),
              ({"name": "triplet-offline", "pool_size": 8}, "bank_size < pool_size"),
+             ({"name": "triplet-offline", "pool_size": -4}, "loss.pool_size: must be >= 1, got -4"),
+             ({"name": "triplet-offline", "pool_size": 0}, "loss.pool_size: must be >= 1, got 0"),
+             ({"name": "triplet", "negatives": "far-hardest", "far_quantile": 1.5},
+              "loss.far_quantile: must be a quantile in [0, 1]"),
+             ({"name": "triplet", "negatives": "far-hardest", "far_distance": -1.0},
+              "loss.far_distance: must be >= 0.0"),
              ({"name": "triplet", "negatives": "hardest"}, "loss.negatives: unknown negative sampler"),
              ({"name": "triplet-mined", "mining": "hardest"}, "loss.mining: unknown triplet mining"),
              ({"name": "triplet", "squared": "yes"}, "loss.squared: expected bool")]
@@ -678,6 +738,37 @@ def test_settings_out_of_range_or_contradicting_are_refused_in_one_line() -> Non
         with pytest.raises(ConfigError) as error:
             config_from_dict({"loss": section})
         assert needle in str(error.value) and "\n" not in str(error.value), section
+
+
+class OptionalSettings:
+    """A stand-in loss class with optional settings checked inside and outside the ``| None``."""
+
+    def __init__(self, inside: PositiveInt | None = None, outside: Annotated[float | None, AtLeast(0.0)] = None,
+                 plain: int | None = None) -> None: ...
+
+    @classmethod
+    def check_settings(cls, settings) -> None: ...
+
+
+def test_ranges_of_optional_settings_are_checked_when_given() -> None:
+    settings = settings_of(OptionalSettings)
+    assert settings["inside"].annotation == int | None and settings["plain"].checks == ()
+    for key, value in (("inside", 0), ("outside", -1.0)):
+        with pytest.raises(ConfigError, match=f"^loss.{key}: must be >= "):
+            checked_settings(OptionalSettings, "optional", {key: value})
+    given = {"inside": None, "outside": None, "plain": -5}
+    assert checked_settings(OptionalSettings, "optional", given) == given
+    assert checked_settings(OptionalSettings, "optional", {"inside": 3}) == {"inside": 3}
+    # a pool smaller than 1 is refused by its own range, before the rule that joins it to bank_size
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["loss={name: triplet-offline, pool_size: -4}"])
+    assert str(error.value) == "config.loss.pool_size: must be >= 1, got -4"
+
+    class Ambiguous:
+        def __init__(self, size: PositiveInt | str = 1) -> None: ...
+
+    with pytest.raises(TypeError, match="X | None"):  # a check inside another union: to which type?
+        settings_of(Ambiguous)
 
 
 def test_builder_values_are_not_settings() -> None:

@@ -10,7 +10,7 @@ from retrieval.checkpoint import upgrade_saved_config
 from retrieval.config import load_config
 from retrieval.errors import ConfigError
 from retrieval.losses import create_loss
-from retrieval.negatives import NEGATIVE_SAMPLERS, create_negative_sampler
+from retrieval.negatives import NEGATIVE_SAMPLERS, NO_NEGATIVE, create_negative_sampler
 from retrieval.train import fit
 from tests.conftest import demo_config
 
@@ -100,6 +100,14 @@ def test_rows_with_a_single_candidate_get_it_from_every_sampler() -> None:
         picks = pick(name, captions, labels, image_to_text)
         assert picks[:3] == [3, 3, 3], name
     assert pick("far-hardest", captions, labels, image_to_text)[3] == 0
+
+
+def test_a_batch_of_one_label_gives_every_row_no_negative_from_every_sampler() -> None:
+    # a short last batch holding one image's captions: nothing to pick, and the batch is not refused
+    captions, labels = line([0, 1, 5]), torch.zeros(3, dtype=torch.long)
+    image_to_text = torch.tensor([[0.5, 0.1, 0.2]] * 3, dtype=torch.float64)
+    for name in NEGATIVE_SAMPLERS.names():
+        assert pick(name, captions, labels, image_to_text) == [NO_NEGATIVE] * 3, name
 
 
 def test_model_aware_samplers_match_a_brute_force_reference() -> None:

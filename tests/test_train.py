@@ -12,9 +12,10 @@ from retrieval.batches import CachedFeatureBatches, StreamedImageBatches
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import load_config
 from retrieval.errors import DataError
+from retrieval.losses import LossOutput
 from retrieval.models import create_backbone
 from retrieval.runtime import seed_everything
-from retrieval.train import Trainer, fit, rsum
+from retrieval.train import EpochProgress, Trainer, fit, rsum
 from tests.conftest import demo_config
 
 
@@ -59,6 +60,31 @@ def test_other_negative_strategies_train(sample_shards, tmp_path, negatives):
     result = fit(demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.epochs=3", "train.eval_every=3",
                              f"loss.negatives={negatives}"), progress=False)
     assert len(result.history) == 3 and all(s.loss == s.loss for s in result.history)
+
+
+@pytest.mark.slow
+def test_a_last_batch_of_one_image_trains(sample_shards, tmp_path):
+    # 130 training captions in batches of 129: the last batch holds one caption, so no negative
+    result = fit(demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.epochs=2", "train.eval_every=2",
+                             "train.batch_size=129"), progress=False)
+    assert len(result.history) == 2
+    assert all(np.isfinite([s.loss, s.mean_pos_distance, s.mean_neg_distance]).all() for s in result.history)
+
+
+def test_epoch_averages_leave_out_undefined_distances_but_not_a_nan_loss():
+    nan = float("nan")
+    progress = EpochProgress()
+    progress.add(LossOutput(torch.tensor(0.5), 0.5, 1.0, 2.0))
+    progress.add(LossOutput(torch.tensor(0.0), 0.0, nan, nan))  # a batch where no row had a negative
+    stats = progress.stats(1)
+    assert (stats.loss, stats.active_fraction) == (0.25, 0.25)
+    assert (stats.mean_pos_distance, stats.mean_neg_distance) == (1.0, 2.0)
+    saved = EpochProgress(sums=[0.5, 0.5, 1.0, 2.0], batches=1)  # a training state saved before counts were kept
+    saved.add(LossOutput(torch.tensor(0.25), 0.5, nan, 4.0))
+    stats = saved.stats(1)
+    assert (stats.loss, stats.mean_pos_distance, stats.mean_neg_distance) == (0.375, 1.0, 3.0)
+    progress.add(LossOutput(torch.tensor(nan), 1.0, 1.0, 1.0))
+    assert np.isnan(progress.stats(1).loss)  # a diverged loss stays visible
 
 
 def test_missing_shards_is_a_one_line_error(tmp_path):

@@ -63,6 +63,12 @@ class LossOutput:
             )
 
 
+def mean_or_zero(terms: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
+    """The mean of a loss's terms; with no term (e.g. no row of the batch has a negative), a zero
+    that is still connected to ``image_emb``, so backward works and moves nothing."""
+    return terms.mean() if terms.numel() else (image_emb * 0).sum()
+
+
 class CrossModalLoss(nn.Module):
     """Base class: owns input checks and the hooks; subclasses implement :meth:`compute`."""
 

@@ -3,9 +3,10 @@
 Cosine similarities of every cross-modal positive pair and every negative pair of the batch are
 soft-binned onto ``n_bins + 1`` nodes ``t_r = -1 + r * delta`` (``delta = 2 / n_bins``) by linear
 interpolation; the loss is the probability that a random negative pair is more similar than a
-random positive one. Written here: pytorch-metric-learning's ``HistogramLoss`` refuses ``ref_emb``
-(and forms pairs inside one embedding set); the tests check that this equals pml's value and
-gradient when pml is given the images and captions concatenated with only cross-modal triplets.
+random positive one (zero for a batch without negative pairs). Written here: pytorch-metric-learning's
+``HistogramLoss`` refuses ``ref_emb`` (and forms pairs inside one embedding set); the tests check
+that this equals pml's value and gradient when pml is given the images and captions concatenated
+with only cross-modal triplets.
 Similarities are clamped to [-1, 1] (pml indexes past its last bin at exactly 1).
 
 Logged: distances are cosine distances ``1 - cos``; active fraction = negative pairs more similar
@@ -20,7 +21,6 @@ from typing import Annotated
 import torch
 
 from retrieval.distances import COSINE
-from retrieval.errors import ConfigError
 from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
 from retrieval.losses.miners import split_pairs
 from retrieval.losses.registry import LOSSES
@@ -52,8 +52,6 @@ class HistogramLoss(CrossModalLoss):
 
     def compute(self, image_emb, text_emb, labels):
         positive, negative = split_pairs(COSINE.similarity(image_emb, text_emb), labels)
-        if not len(negative):
-            raise ConfigError("histogram loss needs at least two distinct labels in every batch")
         # Ustinova & Lempitsky 2016: L = sum_r h-_r * sum_{q<=r} h+_q
         cumulative_positive = soft_histogram(positive, self.n_bins).cumsum(dim=0)
         value = (soft_histogram(negative, self.n_bins) * cumulative_positive).sum()

@@ -5,9 +5,11 @@ negative caption ``k`` (the closest caption with another label), and a second im
 label differs from both ``i``'s and ``k``'s (the image closest to ``t_k``). The first term is the
 triplet; the second pushes the negative pair ``(f_l, t_k)`` past the positive pair by ``m2``,
 which widens inter-class gaps relative to intra-class ones. Anchors without a valid ``l`` (fewer
-than three labels in the batch) keep only the triplet term. Batch-hard choice of ``j, k, l``
-replaces the paper's margin-based mining to stay O(B^2). Distances are L2 (``squared=True``
-gives the paper's squared distances). Written here: pytorch-metric-learning has no quadruplet loss.
+than three labels in the batch) keep only the triplet term; anchors without a negative caption
+(their label fills the batch) have no term, and a batch where no anchor has one gives a zero loss.
+Batch-hard choice of ``j, k, l`` replaces the paper's margin-based mining to stay O(B^2).
+Distances are L2 (``squared=True`` gives the paper's squared distances). Written here:
+pytorch-metric-learning has no quadruplet loss.
 
 Logged: active fraction = anchors with a non-zero term; distances = the loss's L2 (or squared L2)
 of ``(i, j)`` and ``(i, k)``.
@@ -22,7 +24,7 @@ import torch
 
 from retrieval.distances import L2, SQUARED_L2
 from retrieval.errors import ConfigError
-from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput, mean_or_zero
 from retrieval.losses.miners import hardest_negatives, positive_mask
 from retrieval.losses.registry import LOSSES
 from retrieval.losses.settings import NonNegativeFloat
@@ -69,8 +71,6 @@ class QuadrupletLoss(CrossModalLoss):
         # Chen et al. 2017 (quadruplet loss): [g_ij - g_ik + a1]_+ + [g_ij - g_lk + a2]_+
         first = torch.relu(d_pos - d_neg + self.margin) * valid
         second = torch.relu(d_pos - d_pair + self.second_margin) * has_l
-        if not bool(valid.any()):
-            raise ConfigError("quadruplet loss needs at least two distinct labels in every batch")
-        value = (first + second)[valid].mean()
+        value = mean_or_zero((first + second)[valid], image_emb)
         active = ((first + second) > 0)[valid]
         return LossOutput.from_terms(value, active, d_pos[valid].detach(), d_neg[valid].detach())

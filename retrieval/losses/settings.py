@@ -4,7 +4,9 @@ Every parameter of a registered loss's ``__init__`` is a setting a config may gi
 (``loss: {name: quadruplet, margin: 0.3}``), except :data:`INJECTED`: the values the builder
 passes (the run's seed, the number of classes, the embedding size). A setting's annotation is its
 type; ``Annotated[float, AtLeast(0.0)]`` (spelled :data:`NonNegativeFloat` etc.) adds its value
-range and ``Annotated[str, CheckedBy(NEGATIVE_SAMPLERS.get)]`` a check of its own; rules that join
+range and ``Annotated[str, CheckedBy(NEGATIVE_SAMPLERS.get)]`` a check of its own. An optional
+setting may carry its checks inside the ``| None`` (``PositiveInt | None``: checked when not None)
+or outside it (``Annotated[float | None, CheckedBy(f)]``: ``f`` also sees None). Rules that join
 settings live in the loss's ``check_settings``. So a loss declares its settings once, in its
 signature, and a config that names another setting is refused in one line.
 """
@@ -12,6 +14,7 @@ signature, and a config that names another setting is refused in one line.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -54,13 +57,45 @@ PositiveInt = Annotated[int, AtLeast(1)]
 
 
 @dataclass(frozen=True)
+class UnlessNone:
+    """A check that applies when the value is not None (the check of ``X`` in a setting typed ``X | None``)."""
+
+    inner: AtLeast | CheckedBy
+
+    def check(self, value: Any, where: str) -> None:
+        if value is not None:
+            self.inner.check(value, where)
+
+
+Check = AtLeast | CheckedBy | UnlessNone
+
+
+def _checks_of(annotation: Any) -> tuple[Any, tuple[Check, ...]]:
+    """An annotation without its ``Annotated`` extras, and the checks among them (also inside ``X | None``)."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation, *extras = typing.get_args(annotation)
+        annotation, inner = _checks_of(annotation)
+        return annotation, tuple(extra for extra in extras if isinstance(extra, (AtLeast, CheckedBy))) + inner
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [_checks_of(member) for member in typing.get_args(annotation)]
+        checked = [checks for member, checks in members if checks]
+        if not checked:
+            return annotation, ()
+        if len(members) != 2 or type(None) not in [member for member, _ in members]:
+            raise TypeError(f"checks inside {annotation} apply to one type: write them on X or X | None")
+        (first, _), (second, _) = members
+        return first | second, tuple(map(UnlessNone, checked[0]))
+    return annotation, ()
+
+
+@dataclass(frozen=True)
 class Setting:
     """One setting of a loss: its type, default (``inspect.Parameter.empty`` when required) and checks."""
 
     name: str
     annotation: Any
     default: Any
-    checks: tuple[AtLeast | CheckedBy, ...] = ()
+    checks: tuple[Check, ...] = ()
 
 
 def settings_of(loss_class: type) -> dict[str, Setting]:
@@ -70,10 +105,7 @@ def settings_of(loss_class: type) -> dict[str, Setting]:
     for name, parameter in list(inspect.signature(loss_class.__init__).parameters.items())[1:]:
         if name in INJECTED or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
-        annotation, checks = hints.get(name, Any), ()
-        if typing.get_origin(annotation) is Annotated:
-            annotation, *extras = typing.get_args(annotation)
-            checks = tuple(extra for extra in extras if isinstance(extra, (AtLeast, CheckedBy)))
+        annotation, checks = _checks_of(hints.get(name, Any))
         found[name] = Setting(name, annotation, parameter.default, checks)
     return found
 

@@ -3,8 +3,10 @@
 ``t+`` is the image's own caption vector, ``t-`` a caption vector that a negative sampler chose far
 from ``t+`` in word-vector space (``negatives``; ``far-hardest`` and ``far-semihard`` then pick among
 the far captions by their distance to the image embedding, with the far threshold set by
-``far_quantile`` or ``far_distance``). Written here rather than taken from pytorch-metric-learning
-because the negative is chosen from the *text* side's geometry, which its miners do not express.
+``far_quantile`` or ``far_distance``). A row without any candidate negative (its label fills the
+batch) has no term; the loss is the mean over the other rows, zero when none is left. Written here
+rather than taken from pytorch-metric-learning because the negative is chosen from the *text* side's
+geometry, which its miners do not express.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import torch
 
 from retrieval.distances import L2, SQUARED_L2
 from retrieval.errors import ConfigError
-from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput, mean_or_zero
 from retrieval.losses.registry import LOSSES
 from retrieval.losses.settings import AtLeast, CheckedBy, NonNegativeFloat
-from retrieval.negatives import FarNegativesByModel, create_negative_sampler, negative_sampler_class
+from retrieval.negatives import NO_NEGATIVE, FarNegativesByModel, create_negative_sampler, negative_sampler_class
 
 
 def _check_quantile(value: float | None) -> None:
@@ -27,7 +29,7 @@ def _check_quantile(value: float | None) -> None:
         raise ConfigError(f"must be a quantile in [0, 1], got {value!r}")
 
 
-#: optional settings, their checks outside the ``| None`` so that settings_of sees them
+#: optional settings (a check outside the ``| None`` also sees None; one inside it only a given value)
 OptionalQuantile = Annotated[float | None, CheckedBy(_check_quantile)]
 OptionalNonNegativeFloat = Annotated[float | None, AtLeast(0.0)]
 
@@ -65,7 +67,8 @@ class TextAnchoredTripletLoss(CrossModalLoss):
             with torch.no_grad():
                 image_to_text = self.distance.matrix(image_emb, text_emb)
         negative_index = self.sampler(text_emb, labels, self.generator, image_to_text)
-        d_pos = self.distance.paired(image_emb, text_emb)
-        d_neg = self.distance.paired(image_emb, text_emb[negative_index])
+        rows = (negative_index != NO_NEGATIVE).nonzero().squeeze(1)  # rows without a negative have no term
+        d_pos = self.distance.paired(image_emb[rows], text_emb[rows])
+        d_neg = self.distance.paired(image_emb[rows], text_emb[negative_index[rows]])
         per_triplet = torch.relu(self.margin + d_pos - d_neg)
-        return LossOutput.from_terms(per_triplet.mean(), per_triplet > 0, d_pos, d_neg)
+        return LossOutput.from_terms(mean_or_zero(per_triplet, image_emb), per_triplet > 0, d_pos, d_neg)

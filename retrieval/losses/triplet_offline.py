@@ -10,7 +10,8 @@ anywhere in the training set, not only the batch.
 
 Batch rows are matched to training captions by their exact vector bytes (the trainer feeds the
 same frozen vectors it passed to ``prepare``); a row not found (e.g. a validation caption) falls
-back to the batch's farthest caption, as ``triplet`` with ``negatives: farthest`` does. Bank entries are not
+back to the batch's farthest caption, as ``triplet`` with ``negatives: farthest`` does (and, like it,
+leaves the row out when every caption of the batch shares its label). Bank entries are not
 checked against labels: with class labels a far caption may share the class (rare by construction).
 Written here: pytorch-metric-learning has no word-vector-space negative banks.
 
@@ -26,11 +27,11 @@ import torch
 
 from retrieval.distances import L2, SQUARED_L2
 from retrieval.errors import ConfigError
-from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput
+from retrieval.losses.base import CrossModalLoss, LossFamily, LossOutput, mean_or_zero
 from retrieval.losses.miners import farthest_bank, sample_from_bank
 from retrieval.losses.registry import LOSSES
 from retrieval.losses.settings import NonNegativeFloat, PositiveInt
-from retrieval.negatives import FarthestNegatives
+from retrieval.negatives import NO_NEGATIVE, FarthestNegatives
 
 
 def _row_keys(vectors: torch.Tensor) -> list[bytes]:
@@ -87,26 +88,30 @@ class OfflineBankTripletLoss(CrossModalLoss):
             pool = torch.randperm(count, generator=self.generator)[: self.pool_size]
         self.bank = farthest_bank(self.vectors, min(self.bank_size, count - 1), pool)
 
-    def negatives(self, text_emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One negative caption vector per row: from the bank, else the batch's farthest caption."""
+    def negatives(self, text_emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One negative caption vector per row (from the bank, else the batch's farthest caption) and
+        which rows have one (a row outside the bank whose label fills the batch has none)."""
         if self.vectors is None or self.bank is None:
             raise ConfigError("loss 'triplet-offline' needs prepare(caption_vectors) before training")
         rows = torch.tensor([self._index.get(key, -1) for key in _row_keys(text_emb)])
         found = rows >= 0
         negative = torch.empty_like(text_emb)
+        has_negative = torch.ones(len(text_emb), dtype=torch.bool, device=text_emb.device)
         if bool(found.any()):
             drawn = sample_from_bank(self.bank, rows[found], self.generator)
             negative[found.to(text_emb.device)] = self.vectors[drawn].to(text_emb)
         if not bool(found.all()):
             fallback = FarthestNegatives()(text_emb, labels)
             missing = (~found).to(text_emb.device)
-            negative[missing] = text_emb[fallback[missing]]
-        return negative
+            has_negative = ~missing | (fallback != NO_NEGATIVE)
+            negative[missing] = text_emb[fallback[missing].clamp(min=0)]
+        return negative, has_negative
 
     def compute(self, image_emb, text_emb, labels):
-        negative = self.negatives(text_emb, labels)
-        d_pos = self.distance.paired(image_emb, text_emb)
-        d_neg = self.distance.paired(image_emb, negative)
+        negative, has_negative = self.negatives(text_emb, labels)
+        rows = has_negative.nonzero().squeeze(1)
+        d_pos = self.distance.paired(image_emb[rows], text_emb[rows])
+        d_neg = self.distance.paired(image_emb[rows], negative[rows])
         # the text-anchored triplet of retrieval.losses.triplet: [m + d(f,t+) - d(f,t-)]_+
         per_row = torch.relu(self.margin + d_pos - d_neg)
-        return LossOutput.from_terms(per_row.mean(), per_row > 0, d_pos, d_neg)
+        return LossOutput.from_terms(mean_or_zero(per_row, image_emb), per_row > 0, d_pos, d_neg)
