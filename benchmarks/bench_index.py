@@ -47,8 +47,13 @@ def clustered_vectors(n: int, dim: int, *, seed: int = 0, clusters: int = CLUSTE
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim), dtype=np.float32)
     scales = rng.uniform(*SCALE_RANGE, size=clusters).astype(np.float32)
-    labels = rng.integers(clusters, size=n)
-    noise = rng.standard_normal((n, dim), dtype=np.float32)
+    return mixture_draws(n, centres, scales, rng)
+
+
+def mixture_draws(n: int, centres: np.ndarray, scales: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``n`` float32 draws of the gaussian mixture with these centres and per-cluster std."""
+    labels = rng.integers(len(centres), size=n)
+    noise = rng.standard_normal((n, centres.shape[1]), dtype=np.float32)
     noise *= scales[labels, None]
     noise += centres[labels]
     return noise
@@ -130,12 +135,15 @@ class SyntheticChunks:
 
     def __init__(self, data: str, n: int, dim: int, chunk: int, seed: int) -> None:
         self.data, self.n, self.dim, self.chunk, self.seed = data, n, dim, chunk, seed
-        self.centres = clustered_vectors(CLUSTERS, dim, seed=seed)  # only for the mixture's shape
+        rng = np.random.default_rng(seed)  # one mixture for every chunk and the queries
+        self.centres = rng.standard_normal((CLUSTERS, dim), dtype=np.float32)
+        self.scales = rng.uniform(*SCALE_RANGE, size=CLUSTERS).astype(np.float32)
 
     def make(self, rows: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
         if self.data == "isotropic":
-            return np.random.default_rng(seed).standard_normal((rows, self.dim), dtype=np.float32)
-        return clustered_vectors(rows, self.dim, seed=seed)
+            return rng.standard_normal((rows, self.dim), dtype=np.float32)
+        return mixture_draws(rows, self.centres, self.scales, rng)
 
     def __iter__(self):
         for number, start in enumerate(range(0, self.n, self.chunk)):
@@ -154,17 +162,28 @@ def bench_auto_case(data: str, n: int, args: argparse.Namespace) -> dict[str, An
     rss_before = _peak_rss_bytes()
     start = time.perf_counter()
     params = {"max_memory": args.max_memory} if args.max_memory else {}
+    if args.nlist:
+        params["nlist"] = args.nlist
     index = build_index_from_chunks(chunks, n, args.dim, kind="auto", stamp={"bench": True}, seed=args.seed,
                                     use_gpu=False if args.cpu else "auto", **params)
     build_s = time.perf_counter() - start
-    peak_rss = _peak_rss_bytes()
     ids, batch_qps = _batch(index, queries, args.k)
     single_qps = _single_qps(index, queries[: args.single], args.k)
+    peak_rss = _peak_rss_bytes()  # building and searching our index (exact search below is not counted)
     info = index.build_info
     del index
-    exact = VectorIndex.build(np.concatenate(list(chunks)), [{}] * n, kind="flat", stamp={}, use_gpu=False)
-    exact_ids, exact_batch = _batch(exact, queries, args.k)
-    exact_single = _single_qps(exact, queries[: args.single], args.k)
+    exact = faiss.IndexFlatL2(args.dim)  # filled chunk by chunk: no second copy of the collection
+    for chunk in chunks:
+        exact.add(chunk)
+    bounded = queries[: args.exact_queries or len(queries)]  # exact search is slow at 10M: a few hundred
+    start = time.perf_counter()
+    exact_ids = exact.search(bounded, args.k)[1]
+    exact_batch = len(bounded) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for row in range(min(args.single, len(bounded))):
+        exact.search(bounded[row : row + 1], args.k)
+    exact_single = min(args.single, len(bounded)) / (time.perf_counter() - start)
+    del exact
     return {"data": data, "n": n, "dim": args.dim, "kind": info["kind"], "params": info["params"],
             "held_out_recall@10": info["recall@10"], "min_recall": info["min_recall"],
             "tuning_trials": len(info["trials"]), "build_s": round(build_s, 1),
@@ -227,6 +246,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default="clustered,isotropic", help="--auto: clustered and/or isotropic")
     parser.add_argument("--chunk", type=int, default=100_000, help="--auto: vectors per chunk")
     parser.add_argument("--max-memory", default=None, help="--auto: index.max_memory (default: half the RAM)")
+    parser.add_argument("--nlist", type=int, default=None, help="--auto: index.nlist (default: auto's own)")
+    parser.add_argument("--exact-queries", type=int, default=None,
+                        help="--auto: queries timed on exact search and used for recall (default: --queries)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/index.json"))
     args = parser.parse_args(argv)
     if args.quick:

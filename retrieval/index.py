@@ -2,8 +2,10 @@
 
 * ``auto`` chooses the kind from the number of vectors, their dimension and a memory budget
   (``max_memory``), measures recall@10 against exact search on held-out vectors and raises
-  nprobe until ``min_recall`` is met (or refuses with a one-line error); ``build_info`` and the
-  saved stamp.json record the choice and the measured recall.
+  nprobe until ``min_recall`` is met (or refuses with a one-line error); where that IVF needs
+  many distances per query it also builds HNSW, raises efSearch the same way and keeps the
+  cheaper of the two (see :class:`AutoKind`); ``build_info`` and the saved stamp.json record the
+  choice and the measured recall.
 * :func:`build_index_from_chunks` builds from a re-iterable of arrays (embedding shards) without
   holding all vectors at once: one pass gathers the training sample and the held-out queries, a
   second adds the vectors chunk by chunk; IVF lists can live on disk (``on_disk``).
@@ -54,6 +56,10 @@ ONDISK_LISTS_FILE = "index.ivfdata"  # on-disk inverted lists, beside INDEX_FILE
 DEFAULT_HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 128  # 40 (faiss default) tops out at recall@10 0.94 on 1M items
 DEFAULT_EF_SEARCH = 512  # recall@10 >= 0.95 up to 1M items at d=50 (bench_index)
+AUTO_HNSW_MAX = 1_000_000  # "auto" considers HNSW up to this many vectors (its build is ~2x IVF's at 1M)
+AUTO_HNSW_MIN_DISTANCES = 4096  # ... when the tuned IVF computes more distances per query than this
+AUTO_HNSW_MIN_SCANNED = 0.05  # ... and than this fraction of the collection
+HNSW_DISTANCE_COST = 2.0  # an HNSW distance (random access) costs ~2 IVF list-scan distances: 43-60 vs 23-30 ns
 MIN_POINTS_PER_LIST = 39  # faiss k-means warns below 39 training points per centroid
 MAX_NLIST = 65_536
 GPU_MAX_K = 2048  # faiss GPU k-selection limit (k and nprobe)
@@ -311,7 +317,9 @@ class HnswKind(IndexKind):
         return index
 
     def memory_bytes(self, n: int, dim: int) -> int:
-        return n * (4 * dim + 8 * self.hnsw_m + 16)  # vectors, level-0 links (2 M), upper levels and offsets
+        # vectors, level-0 links (2 M ints) + ~10% for the upper levels, levels and offsets:
+        # measured 497 B/vector at n=60k, d=50, M=32 (this gives 506)
+        return n * (4 * dim + 88 * self.hnsw_m // 10 + 24)
 
     def search_param_limit(self, index: faiss.Index) -> int:
         return max(4096, int(index.hnsw.efSearch))
@@ -329,7 +337,7 @@ class HnswKind(IndexKind):
 @INDEX_KINDS.register("auto")
 @dataclass(frozen=True)
 class AutoKind(IndexKind):
-    """Choose flat, IVF-Flat or IVF-PQ from the size, the dimension and ``max_memory``; tune to ``min_recall``.
+    """Choose flat, IVF-Flat, IVF-PQ or HNSW from the size, the dimension and ``max_memory``; tune to ``min_recall``.
 
     * flat (exact) below AUTO_FLAT_MAX vectors when they fit ``max_memory``;
     * else IVF-Flat when its lists fit (or ``on_disk``: the lists go to a file);
@@ -339,6 +347,15 @@ class AutoKind(IndexKind):
     exact search on up to RECALL_QUERIES held-out vectors and nprobe rises from ``nprobe`` (default
     1) until ``min_recall`` is met; an IVF-PQ code too coarse to meet it is a one-line ConfigError.
     ``nlist``: IVF lists (default ``default_nlist(n)``).
+
+    HNSW (:meth:`consider_hnsw`): when the tuned IVF-Flat (in memory, on the CPU) computes more
+    than AUTO_HNSW_MIN_DISTANCES distances per query and more than AUTO_HNSW_MIN_SCANNED of the
+    collection (isotropic or high-intrinsic-dimension data, where IVF needs a large nprobe), there
+    are at most AUTO_HNSW_MAX vectors and the IVF and an HNSW index fit ``max_memory`` together,
+    an IndexHNSWFlat is built too and efSearch rises from 1 until ``min_recall`` is met. HNSW is
+    kept when it meets ``min_recall`` and its distances per query, counted by faiss on the
+    held-out queries and weighted by HNSW_DISTANCE_COST, are fewer than the IVF's (list
+    distances plus the nlist coarse ones); else the IVF is kept.
     """
 
     nlist: int | None = None
@@ -381,6 +398,17 @@ class AutoKind(IndexKind):
 
     def make(self, dim: int, metric: int, n: int, seed: int = 0) -> faiss.Index:
         return self.resolve(n, dim).make(dim, metric, n, seed)
+
+    def consider_hnsw(self, chosen: IndexKind, n: int, dim: int, ivf_distances: float) -> HnswKind | None:
+        """The HNSW kind to build beside ``chosen`` (tuned to ``ivf_distances`` per query), or None (see above)."""
+        hnsw = HnswKind()
+        if type(chosen) is not IvfKind or chosen.on_disk or n > AUTO_HNSW_MAX:
+            return None
+        if ivf_distances <= max(AUTO_HNSW_MIN_DISTANCES, AUTO_HNSW_MIN_SCANNED * n):
+            return None
+        if build_footprint(chosen, n, dim) + hnsw.memory_bytes(n, dim) > self.max_memory_bytes:
+            return None
+        return hnsw
 
 
 def build_footprint(kind: IndexKind, n: int, dim: int) -> int:
@@ -785,13 +813,33 @@ def build_index_from_chunks(chunks: Iterable[np.ndarray], count: int, dim: int,
 
     target = requested.min_recall if isinstance(requested, AutoKind) else None
     trials: list[dict] = []
+    candidates: list[dict] = []
     recall = 1.0
     if exact is not None:
         recall, trials = _tune(index, chosen, queries, query_rows, exact.ids, target)
+    if isinstance(requested, AutoKind) and exact is not None and not index.on_gpu and recall >= requested.min_recall:
+        ivf_cost = _distances_per_query(index, queries)
+        hnsw_kind = requested.consider_hnsw(chosen, count, dim, ivf_cost)
+        if hnsw_kind is not None:
+            candidates.append({"kind": index.kind, "params": index.search_params,
+                               f"recall@{RECALL_K}": round(recall, 4), "distances_per_query": round(ivf_cost),
+                               "cost": round(ivf_cost)})
+            ef_search, hnsw_recall, hnsw_trials, hnsw_cost = _tune_hnsw_without_queries(
+                hnsw_kind, chunks, count, dim, queries, query_rows, metric, seed, requested.min_recall)
+            candidates.append({"kind": "hnsw", "params": {"ef_search": ef_search},
+                               f"recall@{RECALL_K}": round(hnsw_recall, 4), "distances_per_query": round(hnsw_cost),
+                               "cost": round(HNSW_DISTANCE_COST * hnsw_cost)})
+            if hnsw_recall >= requested.min_recall and HNSW_DISTANCE_COST * hnsw_cost < ivf_cost:
+                chosen = dataclasses.replace(hnsw_kind, ef_search=ef_search)
+                hnsw = VectorIndex(chosen.make(dim, METRICS[metric], count, seed), items, metric=metric, stamp=stamp,
+                                   use_gpu=False)
+                for _offset, array in _checked_chunks(chunks, count, dim):
+                    hnsw._index.add(array)
+                index, recall, trials = hnsw, hnsw_recall, hnsw_trials
     index._build_info = {
         "requested": next(name for name in INDEX_KINDS.names() if type(requested) is INDEX_KINDS.get(name)),
         "kind": index.kind, "params": index.search_params, f"recall@{RECALL_K}": round(recall, 4),
-        "recall_queries": len(query_rows), "min_recall": target, "trials": trials,
+        "recall_queries": len(query_rows), "min_recall": target, "trials": trials, "candidates": candidates,
         "max_memory": requested.max_memory_bytes if isinstance(requested, AutoKind) else None,
         "estimated_memory": chosen.memory_bytes(count, dim), "train_size": len(train_rows),
         "on_disk": chosen.on_disk}
@@ -871,10 +919,14 @@ class _ExactNeighbours:
         self.scores = np.full((len(queries), 0), worst, dtype=np.float32)
         self.ids = np.full((len(queries), 0), -1, dtype=np.int64)
 
-    def add(self, vectors: np.ndarray, offset: int) -> None:
+    def add(self, vectors: np.ndarray, offset: int | np.ndarray) -> None:
+        """Merge in ``vectors``: rows ``offset ..`` (or the row numbers ``offset`` holds)."""
+        if len(vectors) == 0:
+            return
         scores, ids = faiss.knn(self.queries, vectors, min(self.k, len(vectors)), metric=self.metric)
+        ids = ids + offset if np.isscalar(offset) else np.asarray(offset)[ids]
         scores = np.concatenate([self.scores, scores], axis=1)
-        ids = np.concatenate([self.ids, ids + offset], axis=1)
+        ids = np.concatenate([self.ids, ids], axis=1)
         order = np.argsort(-scores if self.larger_is_better else scores, axis=1, kind="stable")[:, : self.k]
         self.scores = np.take_along_axis(scores, order, axis=1)
         self.ids = np.take_along_axis(ids, order, axis=1)
@@ -911,9 +963,13 @@ def _add_on_disk(index: VectorIndex, chunks: Iterable[np.ndarray], count: int, d
     index._lists_holder = holder  # the folder lives as long as the index
 
 
-def _recall(index: VectorIndex, queries: np.ndarray, query_rows: np.ndarray, exact: np.ndarray) -> float:
-    """recall@RECALL_K of ``index`` for held-out vectors of the collection, each query's own row left out."""
+def _recall(index: VectorIndex, queries: np.ndarray, query_rows: np.ndarray, exact: np.ndarray,
+            rows: np.ndarray | None = None) -> float:
+    """recall@RECALL_K of ``index`` for held-out vectors of the collection, each query's own row left out
+    (``rows``: the row number of each of the index's ids, when they differ)."""
     found = index.search(queries, RECALL_K + 1).ids
+    if rows is not None:
+        found = rows[found]
     hits = 0
     for own, got, truth in zip(query_rows.tolist(), found.tolist(), exact.tolist()):
         got = [i for i in got if i != own][:RECALL_K]
@@ -922,8 +978,42 @@ def _recall(index: VectorIndex, queries: np.ndarray, query_rows: np.ndarray, exa
     return hits / (RECALL_K * len(query_rows))
 
 
+def _tune_hnsw_without_queries(kind: HnswKind, chunks: Iterable[np.ndarray], count: int, dim: int,
+                               queries: np.ndarray, query_rows: np.ndarray, metric: str, seed: int,
+                               target: float) -> tuple[int, float, list[dict], float]:
+    """Tune efSearch on a graph of every row but the held-out ones (a graph that holds a query finds its
+    own links: recall 0.95 on held-in rows was 0.84 on fresh queries, isotropic 20k x 50).
+
+    Returns (efSearch, recall@10, trials, distances per query at that efSearch).
+    """
+    graph = VectorIndex(kind.make(dim, METRICS[metric], count, seed), [], metric=metric, stamp={}, use_gpu=False)
+    exact = _ExactNeighbours(queries, RECALL_K, METRICS[metric])
+    kept_rows = []
+    for offset, array in _checked_chunks(chunks, count, dim):
+        rows = np.setdiff1d(np.arange(offset, offset + len(array)), query_rows, assume_unique=True)
+        graph._index.add(np.ascontiguousarray(array[rows - offset]))
+        exact.add(array[rows - offset], rows)
+        kept_rows.append(rows)
+    graph._metadata = [{}] * len(graph)
+    recall, trials = _tune(graph, kind, queries, query_rows, exact.ids, target, np.concatenate(kept_rows))
+    return graph.search_params["ef_search"], recall, trials, _distances_per_query(graph, queries)
+
+
+def _distances_per_query(index: VectorIndex, queries: np.ndarray) -> float:
+    """Distances faiss computes per query at the current search parameters (IVF: the coarse ones too)."""
+    if index.kind == "hnsw":
+        stats = faiss.cvar.hnsw_stats
+        stats.reset()
+        index.search(queries, RECALL_K + 1)
+        return stats.ndis / len(queries)
+    stats = faiss.cvar.indexIVF_stats
+    stats.reset()
+    index.search(queries, RECALL_K + 1)
+    return stats.ndis / len(queries) + int(index._index.nlist)
+
+
 def _tune(index: VectorIndex, kind: IndexKind, queries: np.ndarray, query_rows: np.ndarray,
-          exact: np.ndarray, target: float | None) -> tuple[float, list[dict]]:
+          exact: np.ndarray, target: float | None, rows: np.ndarray | None = None) -> tuple[float, list[dict]]:
     """Measure recall; with a ``target``, raise the kind's search parameter (doubling, then bisecting)
     to the smallest value that meets it, or to its limit. Returns (recall, trials in order)."""
     name = kind.search_param_names[0]
@@ -932,7 +1022,7 @@ def _tune(index: VectorIndex, kind: IndexKind, queries: np.ndarray, query_rows: 
     def measure(value: int | None) -> float:
         if value is not None:
             index.set_search_params(**{name: value})
-        recall = _recall(index, queries, query_rows, exact)
+        recall = _recall(index, queries, query_rows, exact, rows)
         trials.append({name: index.search_params[name], f"recall@{RECALL_K}": round(recall, 4)})
         return recall
 

@@ -15,6 +15,7 @@ from retrieval import index as index_module
 from retrieval.errors import ConfigError, DataError, QueryError, RetrievalError
 from retrieval.index import INDEX_FILE, METADATA_FILE, STAMP_FILE, VectorIndex
 
+HNSW_COST = index_module.HNSW_DISTANCE_COST
 STAMP = {"model": "ab12" * 10, "vectors": "glove-6b-50d", "dim": 50}
 
 
@@ -167,7 +168,8 @@ def test_auto_reaches_min_recall_where_the_old_choice_did_not(monkeypatch, metri
     exact = brute_force(base, queries, 10, metric)[1]
     old = VectorIndex.build(base, meta(0, 20_000), kind="ivf", nprobe=64, metric=metric, stamp=STAMP)
     assert recall(old.search(queries, 10).ids, exact) < 0.85
-    new = VectorIndex.build(base, meta(0, 20_000), kind="auto", metric=metric, stamp=STAMP)
+    # 12MB holds this IVF and its training sample, not an HNSW index beside it (test_auto_picks_hnsw_...)
+    new = VectorIndex.build(base, meta(0, 20_000), kind="auto", metric=metric, max_memory="12MB", stamp=STAMP)
     info = new.build_info
     assert new.kind == info["kind"] == "ivf" and info["requested"] == "auto" and info["min_recall"] == 0.95
     assert info["recall@10"] >= 0.95 and info["params"] == new.search_params
@@ -176,6 +178,68 @@ def test_auto_reaches_min_recall_where_the_old_choice_did_not(monkeypatch, metri
     trials = {trial["nprobe"]: trial["recall@10"] for trial in info["trials"]}
     assert trials[new.search_params["nprobe"]] == info["recall@10"]
     assert max(r for n, r in trials.items() if n < new.search_params["nprobe"]) < 0.95
+
+
+def _held_out_recall(base: np.ndarray, index: VectorIndex, seed: int) -> float:
+    """recall@10 of the held-out rows of a build against numpy brute force, each row's own id left out."""
+    held_out, _train = index_module.sample_rows(len(base), index_module.recall_query_count(len(base)),
+                                                index.build_info["train_size"], seed=seed)
+    found = index.search(base[held_out], 11).ids
+    exact = brute_force(base, base[held_out], 11, "l2")[1]
+    hits = [len({*[i for i in f if i != own][:10]} & {*[i for i in e if i != own][:10]})
+            for own, f, e in zip(held_out, found, exact)]
+    return sum(hits) / (10 * len(held_out))
+
+
+@pytest.mark.slow
+def test_auto_picks_hnsw_where_ivf_needs_a_large_nprobe(monkeypatch):
+    """Isotropic 20k x 50: IVF needs nprobe ~190 of ~490 lists (~10k distances a query); HNSW meets 0.95 with
+    far fewer, so auto keeps HNSW, tuned to the smallest efSearch that meets min_recall on queries its graph
+    does not hold, and the estimate holds on fresh queries against brute force."""
+    monkeypatch.setattr(index_module, "AUTO_FLAT_MAX", 10_000)
+    data = isotropic(20_300, seed=5)
+    base, queries = data[:20_000], data[20_000:]
+    index = VectorIndex.build(base, meta(0, 20_000), kind="auto", stamp=STAMP, seed=4)
+    info = index.build_info
+    assert index.kind == info["kind"] == "hnsw" and info["params"] == index.search_params
+    assert info["recall@10"] >= 0.95
+    ivf, hnsw = info["candidates"]
+    assert ivf["kind"] == "ivf" and ivf["recall@10"] >= 0.95 and ivf["distances_per_query"] > 4096
+    assert hnsw["params"] == index.search_params and hnsw["cost"] < ivf["cost"]
+    trials = {trial["ef_search"]: trial["recall@10"] for trial in info["trials"]}
+    assert max(r for ef, r in trials.items() if ef < index.search_params["ef_search"]) < 0.95
+    assert recall(index.search(queries, 10).ids, brute_force(base, queries, 10, "l2")[1]) >= 0.93
+    assert len(index) == 20_000 and index.metadata_for([7])[0]["key"] == "img7"
+
+
+def test_auto_weighs_hnsw_against_ivf_by_distances(monkeypatch):
+    """The rule at a small scale (thresholds lowered): HNSW is built when the IVF scans a lot, and kept only
+    when it meets min_recall with fewer weighted distances; the IVF is kept otherwise."""
+    monkeypatch.setattr(index_module, "AUTO_FLAT_MAX", 1_000)
+    monkeypatch.setattr(index_module, "AUTO_HNSW_MIN_DISTANCES", 100)
+    data = isotropic(2_200, dim=16, seed=8)
+    base, queries = data[:2_000], data[2_000:]
+    index = VectorIndex.build(base, meta(0, 2_000), kind="auto", stamp=STAMP, seed=2)
+    ivf, hnsw = index.build_info["candidates"]
+    assert index.kind == "hnsw" and HNSW_COST * hnsw["distances_per_query"] == pytest.approx(hnsw["cost"], abs=1)
+    assert hnsw["cost"] < ivf["cost"] and index.build_info["recall@10"] == hnsw["recall@10"] >= 0.95
+    assert hnsw["params"] == index.search_params == index.build_info["params"]
+    assert recall(index.search(queries, 10).ids, brute_force(base, queries, 10, "l2")[1]) >= 0.93
+    assert ivf["recall@10"] == round(_held_out_recall(base, VectorIndex.build(
+        base, meta(0, 2_000), kind="ivf", nprobe=ivf["params"]["nprobe"], stamp=STAMP, seed=2), 2), 4)
+    # an HNSW that cannot reach min_recall (efSearch capped at 1) is never kept, however cheap
+    monkeypatch.setattr(index_module.HnswKind, "search_param_limit", lambda self, index: 1)
+    index = VectorIndex.build(base, meta(0, 2_000), kind="auto", stamp=STAMP, seed=2)
+    ivf, hnsw = index.build_info["candidates"]
+    assert index.kind == "ivf" and hnsw["recall@10"] < 0.95 <= ivf["recall@10"] == index.build_info["recall@10"]
+    # no room for HNSW beside the IVF, or the IVF scans little: HNSW is not even built
+    auto = index_module.AutoKind
+    ivf_kind = index_module.IvfKind()
+    assert auto(max_memory="1GB").consider_hnsw(ivf_kind, 2_000, 16, 10**6) == index_module.HnswKind()
+    assert auto(max_memory="1MiB").consider_hnsw(ivf_kind, 2_000, 16, 10**6) is None
+    assert auto(max_memory="1GB").consider_hnsw(ivf_kind, 2_000, 16, 90) is None  # under 5% of 2000
+    assert auto(max_memory="1GB").consider_hnsw(index_module.IvfPqKind(pq_m=1), 2_000, 16, 10**6) is None
+    assert auto(max_memory="1GB").consider_hnsw(index_module.IvfKind(on_disk=True), 2_000, 16, 10**6) is None
 
 
 def test_measured_recall_equals_brute_force_on_the_held_out_rows(small):
@@ -203,6 +267,7 @@ def test_unreachable_min_recall_is_a_one_line_error(monkeypatch):
         VectorIndex.build(data, meta(0, 5_000), kind="auto", max_memory="1GB", stamp=STAMP)
     assert_one_line(error)
     lists, probed = re.search(r"nlist=(\d+), nprobe=(\d+)", str(error.value)).groups()
+    # the budget has room for HNSW, but auto considers it only beside an IVF-Flat that met min_recall
     assert lists == probed  # tuned up to every list before giving up
     # lowering min_recall explicitly accepts the coarse index, and its stamp says how coarse it is
     index = VectorIndex.build(data, meta(0, 5_000), kind="auto", min_recall=0.05, stamp=STAMP)
