@@ -4,8 +4,12 @@
     python -m benchmarks.bench_index --auto [--sizes 200000,1000000] [--max-memory 4GB]
 
 ``--auto``: our ``index.kind: auto`` built from chunks (never all vectors at once) on clustered and
-isotropic vectors, each size in a fresh process: build time, peak RSS (getrusage), batch and
-single-query QPS divided by exact search's, recall@10 on fresh queries; written to ``--out``.
+isotropic vectors, each size in a fresh process: build time, peak RSS (getrusage, building and
+searching our index), batch and single-query QPS divided by exact search's, recall@10 on fresh
+queries; written to ``--out``. At 10M (``--exact-queries`` bounds the slow exact search)::
+
+    nice -n 10 python -m benchmarks.bench_index --auto --sizes 10000000 --nlist 4096 --max-memory 4GB \
+        --exact-queries 200 --single 100 --out benchmarks/results/index_10m.json
 
 Every kind is built with its defaults from ``retrieval.index`` in one run; recall is measured
 against the exact (flat) results. A sweep of nprobe / efSearch shows the recall-speed curve

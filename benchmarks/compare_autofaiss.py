@@ -74,30 +74,44 @@ def run_autofaiss(work: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     index, infos = build_index(embeddings=base, save_on_disk=False, metric_type="l2",
                                max_index_memory_usage=args.max_memory.removesuffix("B"),
-                               current_memory_available=args.max_memory.removesuffix("B"),
+                               current_memory_available=args.memory_available.removesuffix("B"),
                                min_nearest_neighbors_to_retrieve=K, verbose=30)
     build_s = time.perf_counter() - start
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:  # not an IVF index: measured as autofaiss left it
-        ivf = None
-    params = {"nprobe": int(ivf.nprobe)} if ivf is not None else {}
+    if index is None:
+        raise SystemExit(f"autofaiss built no index: {infos}")
+    knob = _search_knob(index)  # (name, getter, setter, largest value), None if neither IVF nor HNSW
+    params = {knob[0]: knob[1]()} if knob is not None else {}
     ids, batch, single = _timed_search(index, queries, args.single)
     row = {"tool": "autofaiss", "kind": infos.get("index_key", type(index).__name__), "params": params,
            "build_s": round(build_s, 1), "peak_rss_mb": round(_peak_rss_mb()), "batch_qps": round(batch, 1),
            "single_qps": round(single, 1), "recall@10": round(_recall(ids, exact), 4)}
-    if ivf is None:
+    if knob is None:
         return row
-    nprobe = 1  # the smallest nprobe meeting the same recall target (doubling, on the same queries)
+    name, _get, set_value, largest = knob
+    value = 1  # the smallest nprobe / efSearch meeting the same recall target (doubling, on the same queries)
     while True:
-        ivf.nprobe = nprobe
-        if _recall(index.search(queries, K)[1], exact) >= args.min_recall or nprobe >= ivf.nlist:
+        set_value(value)
+        if _recall(index.search(queries, K)[1], exact) >= args.min_recall or value >= largest:
             break
-        nprobe = min(int(ivf.nlist), nprobe * 2)
+        value = min(largest, value * 2)
     ids, batch, single = _timed_search(index, queries, args.single)
-    row["at_min_recall"] = {"params": {"nprobe": nprobe}, "batch_qps": round(batch, 1),
+    row["at_min_recall"] = {"params": {name: value}, "batch_qps": round(batch, 1),
                             "single_qps": round(single, 1), "recall@10": round(_recall(ids, exact), 4)}
     return row
+
+
+def _search_knob(index):
+    """autofaiss's index's search parameter: nprobe (IVF) or efSearch (HNSW)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        return "nprobe", lambda: int(ivf.nprobe), lambda v: setattr(ivf, "nprobe", v), int(ivf.nlist)
+    except RuntimeError:
+        pass
+    hnsw = faiss.downcast_index(index)
+    if hasattr(hnsw, "hnsw"):
+        return ("efSearch", lambda: int(hnsw.hnsw.efSearch), lambda v: setattr(hnsw.hnsw, "efSearch", v),
+                4096)
+    return None
 
 
 def prepare(work: Path, args: argparse.Namespace) -> None:
@@ -141,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     parser.add_argument("--min-recall", type=float, default=0.95)
     parser.add_argument("--max-memory", default="4GB", help="index memory budget for both (a size such as 4GB)")
+    parser.add_argument("--memory-available", default="8GB", help="autofaiss's current_memory_available")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/autofaiss.json"))
