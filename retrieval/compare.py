@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -279,13 +280,13 @@ def train_run(spec: CompareSpec, variant: VariantSpec, seed: int, data: _Data, r
     device = resolve_device(config.train.device)
     model = load_checkpoint(RunDir(result.run_dir).checkpoint(spec.checkpoint), device=device)
     embeddings = model_embeddings(model, data.held_out.shards, "val", device=device).vectors.numpy()
-    history = [EpochRecord(0, metrics=result.initial_metrics)] + [EpochRecord(**dataclasses.asdict(s))
+    history = [EpochRecord(0, metrics=result.initial_metrics)] + [EpochRecord(**_nan_to_none(dataclasses.asdict(s)))
                                                                     for s in result.history]
     run = RunResult(seed=seed, run_dir=os.path.relpath(result.run_dir, spec.out), wall_seconds=wall,
                     train_seconds=float(sum(s.seconds for s in result.history)), history=history,
                     distance=model.loss.distance.name,
                     evaluation=evaluate_record(spec, embeddings, data, model.caption_encoder,
-                                               model.loss.distance))
+                                               model.loss.distance), warnings=list(result.warnings) or None)
     write_json(saved, {"identity": identity, "run": run.to_json()})
     return run
 
@@ -305,6 +306,11 @@ def conse_run(spec: CompareSpec, variant: VariantSpec, data: _Data) -> RunResult
     wall = time.perf_counter() - started
     return RunResult(seed=None, run_dir=None, wall_seconds=wall, train_seconds=0.0, history=[], distance=COSINE.name,
                      evaluation=evaluate_record(spec, np.asarray(embeddings, np.float32), data, encoder, COSINE))
+
+
+def _nan_to_none(record: dict) -> dict:
+    """An epoch's statistics with NaN (a signal that was undefined, e.g. no negative pair) as None."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
 
 
 def run_variant(spec: CompareSpec, variant: VariantSpec, data: _Data, bar: ProgressBar,

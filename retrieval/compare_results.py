@@ -46,6 +46,8 @@ class EpochRecord(JsonRecord):
     mean_neg_distance: float | None = field(default=None, metadata=OMIT_IF_NONE)
     seconds: float | None = field(default=None, metadata=OMIT_IF_NONE)
     metrics: dict[str, float] = field(default_factory=dict)
+    embedding_spread: float | None = field(default=None, metadata=OMIT_IF_NONE)
+    dimension_variance: float | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class RunResult(JsonRecord):
     history: list[EpochRecord]
     distance: str  # how the run's embeddings are compared: l2, ip or cosine
     evaluation: HeldOutEvaluation = field(metadata=INLINE)
+    warnings: list[str] | None = field(default=None, metadata=OMIT_IF_NONE)  # the collapse alarm's (None: none)
 
 
 @dataclass
@@ -70,6 +73,8 @@ class TrainingCurves(JsonRecord):
     active_fraction: list[float | None]
     eval_epoch: list[int]
     primary: list[float]  # the primary metric at each evaluated epoch
+    # None: results from before the spread was logged
+    embedding_spread: list[float | None] | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass
@@ -107,8 +112,16 @@ class RunSummary(JsonRecord):
                 loss=[float(np.mean([row[e].loss for row in rows])) for e in epochs],
                 active_fraction=[float(np.mean([row[e].active_fraction for row in rows])) for e in epochs],
                 eval_epoch=evals,
-                primary=[float(np.mean([row[e].metrics[primary] for row in rows])) for e in evals])
+                primary=[float(np.mean([row[e].metrics[primary] for row in rows])) for e in evals],
+                embedding_spread=([_mean_or_none([row[e].embedding_spread for row in rows]) for e in epochs]
+                                  if any(row[e].embedding_spread is not None for row in rows for e in epochs) else None))
         return summary
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean of the values that were logged (None when none was)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def _curve_means(curves: list[list[float]]) -> list[float]:

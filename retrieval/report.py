@@ -19,7 +19,8 @@ from retrieval.compare_results import ComparisonResults, MeanStd, Standing, Text
 from retrieval.io import atomic_path
 
 REPORT_FILE = "report.md"
-PLOTS = {"training": "training_curves.png", "recall": "recall_at_k.png", "examples": "examples.png"}
+PLOTS = {"training": "training_curves.png", "signals": "training_signals.png", "recall": "recall_at_k.png",
+         "examples": "examples.png"}
 RANK_METRICS = ("MedR", "MeanR")  # printed with one decimal, and lower is better
 DASH = "–"
 
@@ -134,6 +135,20 @@ def _cost_table(results: ComparisonResults) -> list[str]:
     return lines
 
 
+def _alarm_lines(results: ComparisonResults) -> list[str]:
+    """What the collapse alarm (``retrieval.collapse``) said in each run, or that it stayed silent."""
+    lines = []
+    for variant in results.ran():
+        for run in variant.runs:
+            lines += [f"- `{variant.name}` seed {run.seed}: {warning}" for warning in run.warnings or []]
+    trained = [variant for variant in results.ran() if variant.kind == "train"]
+    if not lines:
+        return ["Silent in every training run" + ("" if trained else " (none ran)") + ": no margin loss kept its "
+                "active fraction under the alarm's floor, and no run's embedding spread fell under its floor, for "
+                "the alarm's patience in epochs (the train.collapse_* settings)."]
+    return ["Warnings raised during training (the train.collapse_* settings):", "", *lines]
+
+
 def render_report(results: ComparisonResults) -> str:
     """The markdown report of a comparison, from its results alone."""
     data, metric = results.data, results.primary_metric
@@ -160,10 +175,12 @@ def render_report(results: ComparisonResults) -> str:
         lines += ["", "## Zero-shot retrieval", "", f"Text→image with the names of the classes held out of training "
                   f"as queries ({names}), each against all {data.num_val_images} held-out images; relevant: "
                   "the images of that class.", "", *_metric_table(results, "text_to_image", zero_shot=True)]
+    lines += ["", "## Collapse alarm", "", *_alarm_lines(results)]
     skipped = [v for v in results.variants if not v.ok]
     if skipped:
         lines += ["", "## Skipped variants", ""] + [f"- `{v.name}`: `{v.note}`" for v in skipped]
-    lines += ["", "## Plots", "", f"![training curves]({PLOTS['training']})", "", f"![R@K curves]({PLOTS['recall']})",
+    lines += ["", "## Plots", "", f"![training curves]({PLOTS['training']})", "",
+              f"![active fraction and embedding spread]({PLOTS['signals']})", "", f"![R@K curves]({PLOTS['recall']})",
               "", f"![example queries]({PLOTS['examples']})", ""]
     return "\n".join(lines)
 
@@ -205,6 +222,31 @@ def plot_training_curves(results: ComparisonResults, path: Path) -> Path:
         axis.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
     figure.suptitle(f"{results.name}: mean over seeds", y=1.03)
+    return _save(figure, path)
+
+
+def plot_training_signals(results: ComparisonResults, path: Path) -> Path:
+    """The collapse alarm's two signals per epoch, mean over seeds: active fraction and embedding spread."""
+    figure = Figure(figsize=(11, 4))
+    axes = figure.subplots(1, 2)
+    colors = _colors(results)
+    for variant in results.ran():
+        curves = variant.summary.curves
+        if curves is None:
+            continue
+        axes[0].plot(curves.epoch, _nan_for_none(curves.active_fraction), color=colors[variant.name],
+                     label=variant.name)
+        if curves.embedding_spread:
+            axes[1].plot(curves.epoch, _nan_for_none(curves.embedding_spread), color=colors[variant.name],
+                         label=variant.name)
+    titles = ("active fraction (share of non-zero loss terms)", "embedding spread (RMS distance between images)")
+    for axis, title in zip(axes, titles):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{results.name}: training signals, mean over seeds", y=1.03)
     return _save(figure, path)
 
 
@@ -287,11 +329,12 @@ def load_thumbnails(shards: Iterable[str], keys: set[str], size: int = 128) -> d
 
 
 def write_report(results: ComparisonResults, out_dir: str | Path) -> dict[str, Path]:
-    """``report.md`` and the three plots in ``out_dir``; returns their paths."""
+    """``report.md`` and its plots in ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     keys = {key for v in results.ran() for found in v.runs[0].evaluation.examples.values() for key in found}
     thumbnails = load_thumbnails(results.data.val_shards, keys)
     paths = {"training": plot_training_curves(results, out_dir / PLOTS["training"]),
+             "signals": plot_training_signals(results, out_dir / PLOTS["signals"]),
              "recall": plot_recall_curves(results, out_dir / PLOTS["recall"]),
              "examples": plot_examples(results, thumbnails, out_dir / PLOTS["examples"])}
     with atomic_path(out_dir / REPORT_FILE) as tmp:

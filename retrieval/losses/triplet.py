@@ -39,6 +39,7 @@ class TextAnchoredTripletLoss(CrossModalLoss):
     """Triplet loss with a word-vector-space negative per image (``squared``: squared L2 distances)."""
 
     family = LossFamily.TRIPLET
+    active_means_gradient = True
 
     def __init__(self, margin: NonNegativeFloat = 1.0, squared: bool = False,
                  negatives: Annotated[str, CheckedBy(negative_sampler_class)] = "farthest",
