@@ -113,9 +113,15 @@ class RunSummary(JsonRecord):
                 active_fraction=[float(np.mean([row[e].active_fraction for row in rows])) for e in epochs],
                 eval_epoch=evals,
                 primary=[float(np.mean([row[e].metrics[primary] for row in rows])) for e in evals],
-                embedding_spread=([_mean_or_none([row[e].embedding_spread for row in rows]) for e in epochs]
-                                  if any(row[e].embedding_spread is not None for row in rows for e in epochs) else None))
+                embedding_spread=_spread_curve(rows, epochs))
         return summary
+
+
+def _spread_curve(rows: list[dict[int, EpochRecord]], epochs: list[int]) -> list[float | None] | None:
+    """Mean embedding spread per epoch over runs; None when no run logged it."""
+    if all(row[e].embedding_spread is None for row in rows for e in epochs):
+        return None
+    return [_mean_or_none([row[e].embedding_spread for row in rows]) for e in epochs]
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
