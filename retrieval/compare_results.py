@@ -191,6 +191,37 @@ class Verdict(JsonRecord):
 
 
 @dataclass
+class MetricPair(JsonRecord):
+    """One metric of the best triplet variant against the best cross-entropy variant.
+
+    ``margin``: triplet minus cross-entropy (for ranks, lower is better); ``clear``: the gap exceeds the
+    sum of the two sample standard deviations, so the seeds do not overlap it.
+    """
+
+    metric: str
+    triplet: MeanStd
+    cross_entropy: MeanStd
+    margin: float
+    clear: bool
+
+
+@dataclass
+class DirectionVerdict(JsonRecord):
+    """One retrieval direction: the best variant overall and triplet against cross-entropy on every metric.
+
+    The triplet and cross-entropy variants are each family's best by ``chosen_by`` (mAP) in this direction,
+    on the base text vectors.
+    """
+
+    direction: str
+    chosen_by: str
+    best: Standing
+    triplet: str | None = field(default=None, metadata=OMIT_IF_NONE)
+    cross_entropy: str | None = field(default=None, metadata=OMIT_IF_NONE)
+    metrics: list[MetricPair] = field(default_factory=list)
+
+
+@dataclass
 class TextSide(JsonRecord):
     """A variant with other caption targets against its counterpart on the base text vectors."""
 
@@ -248,6 +279,7 @@ class ComparisonResults(JsonRecord):
     verdict: Verdict | None
     text_sides: list[TextSide]
     setup_seconds: SetupSeconds | None = field(default=None, metadata=OMIT_IF_NONE)
+    directions: list[DirectionVerdict] | None = field(default=None, metadata=OMIT_IF_NONE)
 
     @classmethod
     def from_json(cls, data: Any, where: str = "results") -> ComparisonResults:
