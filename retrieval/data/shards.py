@@ -86,8 +86,9 @@ def short_shards(read: Mapping[str, int]) -> dict[str, str]:
     """Shard path → message, for each shard file whose full read gave another number of samples than its manifest lists.
 
     ``read`` maps each shard path to the samples read from it in one complete pass. A tar file cut at a
-    member boundary reads without any error, only short: this is how it is noticed. Shards without a
-    manifest beside them, or not listed in it, are not checked.
+    member boundary reads without any error, only short: this is how it is noticed. A shard without a
+    manifest is checked against img2dataset's ``NNNNN_stats.json`` beside it, where there is one: it must
+    hold at least its ``successes`` (a tar may also hold samples whose status is not success).
     """
     manifests: dict[Path, ShardManifest | None] = {}
     messages = {}
@@ -96,10 +97,19 @@ def short_shards(read: Mapping[str, int]) -> dict[str, str]:
         if folder not in manifests:
             manifests[folder] = read_manifest(folder) if (folder / MANIFEST).is_file() else None
         manifest = manifests[folder]
-        expected = manifest.samples_in(Path(shard).name) if manifest is not None else None
-        if expected is not None and count != expected:
-            messages[shard] = (f"{shard}: holds {count} of the {expected} samples its manifest lists "
-                               "(truncated or replaced?); prepare the shards again")
+        if manifest is not None:
+            expected = manifest.samples_in(Path(shard).name)
+            wrong = expected is not None and count != expected
+        else:  # img2dataset output read in place: its stats file counts the successes it wrote (at least)
+            from retrieval.data.in_place import stats_count
+
+            expected = stats_count(shard)
+            wrong = expected is not None and count < expected
+        if wrong:
+            listed = "its manifest lists" if manifest is not None else "its stats file counts"
+            messages[shard] = (f"{shard}: holds {count} of the {expected} samples {listed} "
+                               "(truncated or replaced?); " + ("prepare the shards again" if manifest is not None
+                                                                else "write that shard again"))
     return messages
 
 
@@ -113,9 +123,22 @@ def check_samples_read(read: Mapping[str, int], handler: Callable[[Exception], b
         handler(BadItem(message, SHORT_SHARD, shard))
 
 
-def list_shards(shard_dir: str | os.PathLike, split: str) -> list[str]:
-    """Sorted paths of ``{split}-*.tar`` in ``shard_dir``; no folder or no shards → DataError."""
-    folder = Path(shard_dir)
+def list_shards(source: str | os.PathLike | Any, split: str) -> list[str]:
+    """Sorted shard paths of ``split`` (train, val, or all: both) — the one place a data section's shards are found.
+
+    ``source`` is a prepared shard folder (``{split}-*.tar`` beside a manifest) or a ``DataConfig``: its
+    ``data.shards`` read in place (``retrieval.data.in_place``; every shard, its samples selected by split
+    while streaming) or else its ``data.shard_dir``. No folder or no shards → DataError.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        if getattr(source, "shards", None):
+            from retrieval.data.in_place import in_place_shards
+
+            return list(in_place_shards(source, split))
+        source = source.shard_dir
+    if split == "all":
+        return [shard for name in SPLITS for shard in list_shards(source, name)]
+    folder = Path(source)
     if not folder.is_dir():
         raise DataError(f"{folder}: shard folder not found (looking for {split!r} shards)")
     paths = sorted(folder.glob(f"{split}-*.tar"))
