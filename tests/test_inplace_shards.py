@@ -193,3 +193,26 @@ def test_training_from_shards_in_place_equals_training_from_the_prepared_copy(im
     weights = [torch.load(run.last_checkpoint, weights_only=False)["encoder"] for run in runs]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+@pytest.mark.slow
+def test_embed_reads_a_split_of_shards_in_place_as_it_reads_the_prepared_copy(trained_run, img2dataset_dir, tmp_path):
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.embed import encode_shards
+    from retrieval.embedding_shards import embed_shards, iter_embedding_shards
+    from retrieval.transforms import eval_transform
+
+    model = load_checkpoint(trained_run.best_checkpoint)
+    copy = prepared(img2dataset_dir, tmp_path / "shards", split_by="split")
+    transform = eval_transform(model.config.data.image_size, model.encoder.mean, model.encoder.std)
+    reference = encode_shards(list_shards(copy, "val"), model.embed_images, transform, progress=False)
+    shards = list_shards(in_place(img2dataset_dir, split_by="split"), "val")
+    result = embed_shards(model, shards, tmp_path / "emb", dtype="float32", batch_size=7, workers=2,
+                          thumbnails=False, progress=False)  # loader workers get the shards pickled
+    assert result.images == 25
+    rows = {row["key"]: (vector, row["captions"]) for _, vectors, meta in iter_embedding_shards(tmp_path / "emb")
+            for vector, row in zip(vectors, meta)}
+    assert sorted(rows) == sorted(reference.keys)
+    for key, vector, captions in zip(reference.keys, reference.vectors.numpy(), reference.captions):
+        np.testing.assert_allclose(rows[key][0], vector, atol=1e-5)
+        assert rows[key][1] == captions
