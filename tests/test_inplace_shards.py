@@ -16,7 +16,7 @@ import torch
 
 from retrieval.config import DataConfig, load_config
 from retrieval.data import iter_samples, list_shards, make_train_pipeline, read_shard_records, write_shards
-from retrieval.data.in_place import InPlaceShard, known_sample_count, resolve_shard_pattern
+from retrieval.data.in_place import InPlaceShard, resolve_shard_pattern, stats_count
 from retrieval.data.pipeline import skip_and_count
 from retrieval.data.skips import SkippedItems
 from retrieval.data.sources import records_from_img2dataset
@@ -88,7 +88,7 @@ def test_a_folder_lists_its_tars_only_and_patterns_expand(img2dataset_dir):
     assert resolve_shard_pattern(f"{img2dataset_dir}/{{00001..00002}}.tar") == tars[1:]
     assert resolve_shard_pattern(f"{img2dataset_dir}/*.tar") == tars
     assert resolve_shard_pattern(tars[2]) == tars[2:]
-    assert known_sample_count(tars) == 51  # the stats files' successes
+    assert [stats_count(t) for t in tars] == [20, 20, 11]  # the stats files' successes
     train = list_shards(in_place(img2dataset_dir), "train")
     assert train == tars and all(isinstance(s, InPlaceShard) and s.split == "train" for s in train)
     assert [s.split for s in list_shards(in_place(img2dataset_dir), "all")] == [None] * 3
@@ -163,6 +163,11 @@ def test_a_truncated_shard_is_found_by_its_stats_file(img2dataset_dir, tmp_path)
         list(iter_samples(shards))
     skipped = SkippedItems()
     assert len(list(iter_samples(shards, skip_and_count(skipped)))) == 41 and len(skipped) == 1
+
+
+def test_a_split_field_the_samples_lack_is_a_one_line_error_with_a_hint(img2dataset_dir):
+    with pytest.raises(DataError, match=r"meta field 'coco_split' \(split_by\) is missing; data.split_by: hash"):
+        read_shard_records(list_shards(in_place(img2dataset_dir, split_by="coco_split"), "train"))
 
 
 def test_a_sample_without_a_caption_follows_the_skip_policy(tmp_path):

@@ -60,7 +60,11 @@ class InPlaceShard(str):
         """Whether ``record`` belongs to this shard's selection (a missing split field → ``BadItem``)."""
         if self.split is None:
             return True
-        return assign_split(record, self.split_by, self.val_fraction, self.split_seed) == self.split
+        try:
+            return assign_split(record, self.split_by, self.val_fraction, self.split_seed) == self.split
+        except BadItem as error:
+            raise BadItem(f"{error}; data.split_by: hash splits shards without such a field", error.reason,
+                          error.where) from None
 
 
 def shard_selection(shard: str) -> list[Any]:
@@ -121,17 +125,6 @@ def stats_count(shard: str | os.PathLike) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return int(count) if isinstance(count, int) and count >= 0 else None
-
-
-def known_sample_count(shards: Iterable[str]) -> int | None:
-    """The samples in ``shards`` from img2dataset's stats files (before any split); None when one lacks them."""
-    total = 0
-    for shard in shards:
-        count = stats_count(shard)
-        if count is None:
-            return None
-        total += count
-    return total
 
 
 def _in_place_record(sample: dict) -> Record | None:
