@@ -189,6 +189,12 @@ class TrainConfig:
     channels_last: bool | str = "auto"  # auto (on CUDA when the backbone trains) | true | false
     checkpoint_every: int = ranged(1000, ge=0)  # optimizer steps between training states (0: epoch ends only)
     tensorboard: bool = False  # also write TensorBoard event files to <run_dir>/tensorboard (needs tensorboard)
+    # the collapse alarm (retrieval/collapse.py): a one-line warning when, for collapse_patience epochs in a row,
+    # a margin loss's active fraction stays under collapse_min_active or the embedding spread under
+    # collapse_min_spread_ratio times its first epoch's
+    collapse_patience: int = ranged(3, ge=1)
+    collapse_min_active: float = ranged(0.05, ge=0.0, le=1.0)
+    collapse_min_spread_ratio: float = ranged(0.1, ge=0.0, le=1.0)
 
     def __post_init__(self) -> None:
         for name, choices in (("precision", PRECISIONS), ("lr_schedule", LR_SCHEDULES),
