@@ -341,8 +341,8 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str = LAST_CHECKPOINT, shar
     """The evaluation report of one checkpoint of a run on ``split`` of its (or other) shards."""
     path = RunDir(run_dir).checkpoint(checkpoint)
     model = load_checkpoint(path, device=device)
-    shard_dir = Path(shards) if shards is not None else Path(model.config.data.shard_dir)
-    files = list_shards(shard_dir, split)
+    shard_dir = Path(shards) if shards is not None else Path(model.config.data.shards or model.config.data.shard_dir)
+    files = list_shards(shard_dir if shards is not None else model.config.data, split)
     collection = model_embeddings(model, files, split, device=device)
     report = evaluate_embeddings(collection.vectors.numpy(), collection.captions, collection.meta,
                                  model.caption_encoder.encode_batch, ks or model.config.train.ks,
@@ -366,7 +366,7 @@ def load_held_out(config, split: str = "val") -> HeldOutSplit:
     """Backbone features of a split of ``config``'s shards, through its feature cache (computed once)."""
     from retrieval.models import create_backbone  # models import torchvision: only when needed
 
-    shards = list_shards(config.data.shard_dir, split)
+    shards = list_shards(config.data, split)
     backbone = create_backbone(config.model.backbone, config.model.weights)
     collection = split_features(shards, split, backbone.module.eval(), model_config=config.model,
                                 image_size=config.data.image_size, mean=backbone.mean, std=backbone.std,

@@ -220,8 +220,8 @@ class Trainer:
         if not resume:
             refuse_existing_run(self.run_dir, overwrite)
         self.place.barrier()  # every rank has looked at the folder before rank 0 changes it
-        train_shards = list_shards(config.data.shard_dir, "train")
-        val_shards = list_shards(config.data.shard_dir, "val")
+        train_shards = list_shards(config.data, "train")
+        val_shards = list_shards(config.data, "val")
         with self.place.main_first():  # weights missing from the cache are downloaded once, by rank 0
             self.backbone = create_backbone(config.model.backbone, config.model.weights)
         self.skipped = SkippedItems(warn=True) if config.data.on_error == "skip" else None
