@@ -32,8 +32,11 @@ DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "compare_demo.yaml"
 
 
 def ensure_shards(spec: CompareSpec) -> CompareSpec:
-    """Prepare the base config's shards when its shard folder has no manifest yet."""
+    """Prepare the base config's shards when its shard folder has no manifest yet (shards read in place,
+    ``data.shards``, are used as they are)."""
     config = spec.base
+    if config.data.shards:
+        return spec
     try:
         read_manifest(config.data.shard_dir)
         return spec

@@ -219,7 +219,7 @@ def load_data(spec: CompareSpec) -> _Data:
         train = load_held_out(base, "train")
         shards, captions, meta = train.shards, train.captions, train.meta
     else:
-        shards = list_shards(base.data.shard_dir, "train")
+        shards = list_shards(base.data, "train")
         records = read_shard_records(shards)
         captions, meta = [r["captions"] for r in records], [r.get("meta", {}) for r in records]
     features = time.perf_counter() - started
@@ -453,7 +453,7 @@ def assemble(spec: CompareSpec, records: list[VariantResult], data: _Data, comma
         base_config=config_to_dict(spec.base), seeds=list(spec.seeds), num_seeds=len(spec.seeds),
         checkpoint=spec.checkpoint, primary_metric=spec.primary_metric, ks=list(spec.base.train.ks),
         example_queries=list(spec.example_queries), example_top_k=spec.example_top_k,
-        data=HeldOutData(shard_dir=spec.base.data.shard_dir, val_shards=data.held_out.shards,
+        data=HeldOutData(shard_dir=spec.base.data.shards or spec.base.data.shard_dir, val_shards=data.held_out.shards,
                          num_val_images=len(data.held_out.keys), num_val_captions=first.num_captions if first else None,
                          relevance=first.relevance if first else None),
         chance=first.chance if first else {}, zero_shot_chance=zero_shot.chance if zero_shot else None,
