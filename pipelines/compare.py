@@ -4,13 +4,15 @@ The compare config names a base run config, the variants (``set`` overrides such
 ``loss.negatives=far-random`` or ``loss={name: sigmoid-ce}``, or ``kind: conse``), the seeds and the output
 folder. Shards are prepared first when the base config's shard folder has none. Writes
 ``<out>/results.json``, ``<out>/report.md`` and PNG plots; finished runs whose config is unchanged
-are reused unless ``--fresh`` is given.
+are reused unless ``--fresh`` is given. ``--report-only RESULTS`` renders the report of an existing
+``results.json`` again (into ``--out``, default: the folder holding it) without training anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -30,8 +32,11 @@ DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "compare_demo.yaml"
 
 
 def ensure_shards(spec: CompareSpec) -> CompareSpec:
-    """Prepare the base config's shards when its shard folder has no manifest yet."""
+    """Prepare the base config's shards when its shard folder has no manifest yet (shards read in place,
+    ``data.shards``, are used as they are)."""
     config = spec.base
+    if config.data.shards:
+        return spec
     try:
         read_manifest(config.data.shard_dir)
         return spec
@@ -59,6 +64,23 @@ def headline(results: ComparisonResults) -> str:
             f"({winner.mean:.3f} vs {other.mean:.3f})")
 
 
+def report_only(results_file: Path, out: Path | None) -> int:
+    """Render the report of a finished comparison's ``results.json`` into ``out`` (default: beside it)."""
+    try:
+        data = json.loads(results_file.read_text())
+    except OSError as error:
+        raise DataError(f"{results_file}: cannot read the results ({error.strerror or error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{results_file}: not a results.json ({error})") from None
+    results = ComparisonResults.from_json(data, str(results_file))
+    out = out or results_file.parent
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_report(results, out)
+    print(headline(results))
+    print(f"report: {paths['report']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="retrieval compare", description=__doc__)
@@ -72,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, help="torch CPU threads while comparing (default: torch's); 1 is "
                         "often fastest for projection-only training, much faster on a busy machine")
+    parser.add_argument("--report-only", type=Path, metavar="RESULTS",
+                        help="render report.md and the plots of this results.json again; trains nothing")
     args = parser.parse_args(argv)
+    if args.report_only is not None:
+        return report_only(args.report_only, args.out)
     spec = ensure_shards(load_compare_config(args.config, args.overrides, out=args.out, seeds=args.seeds))
     command = shlex.join(["retrieval", "compare", *argv])
     with torch_threads(args.threads or torch.get_num_threads()):

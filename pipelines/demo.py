@@ -28,7 +28,7 @@ EXAMPLE_QUERIES = ("a pizza on a table", "a man riding a skateboard", "a red bus
 
 def chance_levels(config: Config, searcher) -> dict:
     """Chance R@K of the held-out split, with the same relevance as the evaluation."""
-    records = read_shard_records(list_shards(config.data.shard_dir, "val"))
+    records = read_shard_records(list_shards(config.data, "val"))
     captions = [record["captions"] for record in records]
     _, owner, _ = caption_pairs(captions, searcher.model.caption_encoder.encode_batch)
     caption_labels, image_labels, _ = relevance([record.get("meta", {}) for record in records], owner)

@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         run = RunDir(args.run)
         model = load_checkpoint(run.checkpoint(args.checkpoint), device=device)
         split = args.split or model.config.index.split
-        splits = ("train", "val") if split == "all" else (split,)
-        shards = [shard for name in splits for shard in list_shards(model.config.data.shard_dir, name)]
+        shards = list_shards(model.config.data, split)
         out = args.out or run.embeddings
         if args.overwrite and place.is_main and out.exists():
             shutil.rmtree(out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -23,8 +24,10 @@ from retrieval.checkpoint import load_checkpoint
 from retrieval.compare_results import (
     RESULTS_FORMAT,
     ComparisonResults,
+    DirectionVerdict,
     EpochRecord,
     HeldOutData,
+    MetricPair,
     RunResult,
     RunSummary,
     SetupSeconds,
@@ -216,7 +219,7 @@ def load_data(spec: CompareSpec) -> _Data:
         train = load_held_out(base, "train")
         shards, captions, meta = train.shards, train.captions, train.meta
     else:
-        shards = list_shards(base.data.shard_dir, "train")
+        shards = list_shards(base.data, "train")
         records = read_shard_records(shards)
         captions, meta = [r["captions"] for r in records], [r.get("meta", {}) for r in records]
     features = time.perf_counter() - started
@@ -279,13 +282,13 @@ def train_run(spec: CompareSpec, variant: VariantSpec, seed: int, data: _Data, r
     device = resolve_device(config.train.device)
     model = load_checkpoint(RunDir(result.run_dir).checkpoint(spec.checkpoint), device=device)
     embeddings = model_embeddings(model, data.held_out.shards, "val", device=device).vectors.numpy()
-    history = [EpochRecord(0, metrics=result.initial_metrics)] + [EpochRecord(**dataclasses.asdict(s))
+    history = [EpochRecord(0, metrics=result.initial_metrics)] + [EpochRecord(**_nan_to_none(dataclasses.asdict(s)))
                                                                     for s in result.history]
     run = RunResult(seed=seed, run_dir=os.path.relpath(result.run_dir, spec.out), wall_seconds=wall,
                     train_seconds=float(sum(s.seconds for s in result.history)), history=history,
                     distance=model.loss.distance.name,
                     evaluation=evaluate_record(spec, embeddings, data, model.caption_encoder,
-                                               model.loss.distance))
+                                               model.loss.distance), warnings=list(result.warnings) or None)
     write_json(saved, {"identity": identity, "run": run.to_json()})
     return run
 
@@ -305,6 +308,11 @@ def conse_run(spec: CompareSpec, variant: VariantSpec, data: _Data) -> RunResult
     wall = time.perf_counter() - started
     return RunResult(seed=None, run_dir=None, wall_seconds=wall, train_seconds=0.0, history=[], distance=COSINE.name,
                      evaluation=evaluate_record(spec, np.asarray(embeddings, np.float32), data, encoder, COSINE))
+
+
+def _nan_to_none(record: dict) -> dict:
+    """An epoch's statistics with NaN (a signal that was undefined, e.g. no negative pair) as None."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
 
 
 def run_variant(spec: CompareSpec, variant: VariantSpec, data: _Data, bar: ProgressBar,
@@ -389,6 +397,34 @@ def verdict(records: list[VariantResult], metric: str, vectors: str) -> Verdict 
     return result
 
 
+DIRECTION_METRIC = "mAP"  # what picks each family's best variant per direction: it ranks the whole list
+DIRECTION_METRICS = ("R@1", "R@5", "R@10", "mAP")
+
+
+def direction_verdicts(records: list[VariantResult], vectors: str, ks: list[int]) -> list[DirectionVerdict]:
+    """Per direction: the best variant by mAP, and the best triplet against the best cross-entropy variant
+    (each by mAP, on the base text ``vectors``) on R@K and mAP."""
+    found = []
+    for direction in ("text_to_image", "image_to_text"):
+        chooser = f"{direction}/{DIRECTION_METRIC}"
+        ranked = _ranked(records, chooser)
+        if not ranked:
+            continue
+        result = DirectionVerdict(direction, DIRECTION_METRIC, _standing(ranked[0], chooser))
+        same = [r for r in ranked if r.text_vectors == vectors]
+        triplet, ce = ([r for r in same if r.family == name] for name in ("triplet", "cross-entropy"))
+        if triplet and ce:
+            result.triplet, result.cross_entropy = triplet[0].name, ce[0].name
+            names = [f"R@{k}" for k in ks if f"R@{k}" in DIRECTION_METRICS] + [DIRECTION_METRIC]
+            for name in names:
+                key = f"{direction}/{name}"
+                a, b = triplet[0].summary.metrics[key], ce[0].summary.metrics[key]
+                margin = a.mean - b.mean
+                result.metrics.append(MetricPair(name, a, b, margin, abs(margin) > a.std + b.std))
+        found.append(result)
+    return found
+
+
 def text_sides(records: list[VariantResult], base_vectors: str, metric: str) -> list[TextSide]:
     """Each variant with other caption targets against the same recipe (else the best) on the base vectors."""
     trained = [r for r in _ranked(records, metric) if r.kind == "train"]
@@ -417,11 +453,12 @@ def assemble(spec: CompareSpec, records: list[VariantResult], data: _Data, comma
         base_config=config_to_dict(spec.base), seeds=list(spec.seeds), num_seeds=len(spec.seeds),
         checkpoint=spec.checkpoint, primary_metric=spec.primary_metric, ks=list(spec.base.train.ks),
         example_queries=list(spec.example_queries), example_top_k=spec.example_top_k,
-        data=HeldOutData(shard_dir=spec.base.data.shard_dir, val_shards=data.held_out.shards,
+        data=HeldOutData(shard_dir=spec.base.data.shards or spec.base.data.shard_dir, val_shards=data.held_out.shards,
                          num_val_images=len(data.held_out.keys), num_val_captions=first.num_captions if first else None,
                          relevance=first.relevance if first else None),
         chance=first.chance if first else {}, zero_shot_chance=zero_shot.chance if zero_shot else None,
         zero_shot_queries=zero_shot.queries if zero_shot else None, variants=records,
         verdict=verdict(records, spec.primary_metric, vectors),
         text_sides=text_sides(records, vectors, spec.primary_metric),
-        setup_seconds=data.setup_seconds)
+        setup_seconds=data.setup_seconds,
+        directions=direction_verdicts(records, vectors, list(spec.base.train.ks)))

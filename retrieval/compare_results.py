@@ -46,6 +46,8 @@ class EpochRecord(JsonRecord):
     mean_neg_distance: float | None = field(default=None, metadata=OMIT_IF_NONE)
     seconds: float | None = field(default=None, metadata=OMIT_IF_NONE)
     metrics: dict[str, float] = field(default_factory=dict)
+    embedding_spread: float | None = field(default=None, metadata=OMIT_IF_NONE)
+    dimension_variance: float | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class RunResult(JsonRecord):
     history: list[EpochRecord]
     distance: str  # how the run's embeddings are compared: l2, ip or cosine
     evaluation: HeldOutEvaluation = field(metadata=INLINE)
+    warnings: list[str] | None = field(default=None, metadata=OMIT_IF_NONE)  # the collapse alarm's (None: none)
 
 
 @dataclass
@@ -70,6 +73,8 @@ class TrainingCurves(JsonRecord):
     active_fraction: list[float | None]
     eval_epoch: list[int]
     primary: list[float]  # the primary metric at each evaluated epoch
+    # None: results from before the spread was logged
+    embedding_spread: list[float | None] | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass
@@ -107,8 +112,22 @@ class RunSummary(JsonRecord):
                 loss=[float(np.mean([row[e].loss for row in rows])) for e in epochs],
                 active_fraction=[float(np.mean([row[e].active_fraction for row in rows])) for e in epochs],
                 eval_epoch=evals,
-                primary=[float(np.mean([row[e].metrics[primary] for row in rows])) for e in evals])
+                primary=[float(np.mean([row[e].metrics[primary] for row in rows])) for e in evals],
+                embedding_spread=_spread_curve(rows, epochs))
         return summary
+
+
+def _spread_curve(rows: list[dict[int, EpochRecord]], epochs: list[int]) -> list[float | None] | None:
+    """Mean embedding spread per epoch over runs; None when no run logged it."""
+    if all(row[e].embedding_spread is None for row in rows for e in epochs):
+        return None
+    return [_mean_or_none([row[e].embedding_spread for row in rows]) for e in epochs]
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean of the values that were logged (None when none was)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def _curve_means(curves: list[list[float]]) -> list[float]:
@@ -172,6 +191,37 @@ class Verdict(JsonRecord):
 
 
 @dataclass
+class MetricPair(JsonRecord):
+    """One metric of the best triplet variant against the best cross-entropy variant.
+
+    ``margin``: triplet minus cross-entropy (for ranks, lower is better); ``clear``: the gap exceeds the
+    sum of the two sample standard deviations, so the seeds do not overlap it.
+    """
+
+    metric: str
+    triplet: MeanStd
+    cross_entropy: MeanStd
+    margin: float
+    clear: bool
+
+
+@dataclass
+class DirectionVerdict(JsonRecord):
+    """One retrieval direction: the best variant overall and triplet against cross-entropy on every metric.
+
+    The triplet and cross-entropy variants are each family's best by ``chosen_by`` (mAP) in this direction,
+    on the base text vectors.
+    """
+
+    direction: str
+    chosen_by: str
+    best: Standing
+    triplet: str | None = field(default=None, metadata=OMIT_IF_NONE)
+    cross_entropy: str | None = field(default=None, metadata=OMIT_IF_NONE)
+    metrics: list[MetricPair] = field(default_factory=list)
+
+
+@dataclass
 class TextSide(JsonRecord):
     """A variant with other caption targets against its counterpart on the base text vectors."""
 
@@ -229,6 +279,7 @@ class ComparisonResults(JsonRecord):
     verdict: Verdict | None
     text_sides: list[TextSide]
     setup_seconds: SetupSeconds | None = field(default=None, metadata=OMIT_IF_NONE)
+    directions: list[DirectionVerdict] | None = field(default=None, metadata=OMIT_IF_NONE)
 
     @classmethod
     def from_json(cls, data: Any, where: str = "results") -> ComparisonResults:

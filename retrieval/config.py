@@ -62,6 +62,9 @@ def check_ranges(instance: Any, where: str = "config") -> None:
             _check_range(spec, value, f"{where}.{spec.name}")
 
 
+DEFAULT_SHARD_DIR = "runs/demo/shards"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images and captions come from and how they become shards.
@@ -74,7 +77,11 @@ class DataConfig:
     source: str = "jsonl"  # jsonl | csv | coco | img2dataset | fashion-mnist | fashion-mnist-scenes
     path: str = "data/coco-mini/captions.jsonl"
     source_options: Any = None  # the source's SourceOptions (a mapping in YAML)
-    shard_dir: str = "runs/demo/shards"
+    shard_dir: str = DEFAULT_SHARD_DIR  # shards written by `retrieval prepare` (with their manifest)
+    # existing webdataset shards read in place instead (a folder, dir/{00000..00099}.tar, a glob; img2dataset
+    # output included): nothing is prepared or copied, each sample's split follows split_by as prepare's would
+    shards: str | None = None
+    prepare_workers: int | None = ranged(None, ge=1)  # processes `retrieval prepare` writes with (None: CPUs, ≤ 8)
     shard_size: int = ranged(1000, ge=1)
     split_by: str = "split"  # "hash", or a metadata field holding train/val
     val_fraction: float = ranged(0.2, ge=0.0, le=1.0)
@@ -94,6 +101,11 @@ class DataConfig:
         if self.on_error not in ON_ERROR:
             raise ConfigError(f"data.on_error: must be {' or '.join(ON_ERROR)}, got {self.on_error!r}")
         check_decode_device(self.decode_device)
+        if self.shards is not None and not str(self.shards).strip():
+            raise ConfigError("data.shards: empty; give a shard folder or pattern, or leave it out")
+        if self.shards is not None and self.shard_dir != DEFAULT_SHARD_DIR:
+            raise ConfigError(f"data.shards ({self.shards}) reads shards in place and data.shard_dir "
+                              f"({self.shard_dir}) names prepared ones; give one of them")
 
         options = self.source_options
         if options is None or isinstance(options, dict):
@@ -177,6 +189,12 @@ class TrainConfig:
     channels_last: bool | str = "auto"  # auto (on CUDA when the backbone trains) | true | false
     checkpoint_every: int = ranged(1000, ge=0)  # optimizer steps between training states (0: epoch ends only)
     tensorboard: bool = False  # also write TensorBoard event files to <run_dir>/tensorboard (needs tensorboard)
+    # the collapse alarm (retrieval/collapse.py): a one-line warning when, for collapse_patience epochs in a row,
+    # a margin loss's active fraction stays under collapse_min_active or the embedding spread under
+    # collapse_min_spread_ratio times its first epoch's
+    collapse_patience: int = ranged(3, ge=1)
+    collapse_min_active: float = ranged(0.05, ge=0.0, le=1.0)
+    collapse_min_spread_ratio: float = ranged(0.1, ge=0.0, le=1.0)
 
     def __post_init__(self) -> None:
         for name, choices in (("precision", PRECISIONS), ("lr_schedule", LR_SCHEDULES),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from retrieval.data import Sample, iter_samples
+from retrieval.data.in_place import shard_selection
 from retrieval.data.pipeline import Handler, raise_data_error
 from retrieval.io import atomic_path
 from retrieval.progress import progress_bar
@@ -95,7 +96,7 @@ def feature_cache_path(cache_dir: str | Path, backbone: str, weights: str, image
     from retrieval.models.backbones import weights_identity
 
     identity = json.dumps([backbone, weights_identity(backbone, weights), image_size,
-                           [(s, os.path.getsize(s), os.path.getmtime(s)) for s in shards]])
+                           [(s, os.path.getsize(s), os.path.getmtime(s), *shard_selection(s)) for s in shards]])
     return Path(cache_dir) / f"{split}-{hashlib.sha1(identity.encode()).hexdigest()[:16]}.pt"
 
 

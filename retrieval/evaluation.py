@@ -211,6 +211,8 @@ def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], m
                      encode_batch: Callable, ks: Sequence[int] = (1, 5, 10),
                      distance: Distance = L2) -> ZeroShotReport | None:
     """Text→image with the zero-shot class names as queries against every image; None without any."""
+    if any("zero_shot_items" in m for m in meta):
+        return zero_shot_items_report(image_emb, meta, encode_batch, ks, distance)
     held_out = zero_shot_classes(meta)
     if not held_out:
         return None
@@ -226,6 +228,38 @@ def zero_shot_report(image_emb: np.ndarray, captions: Sequence[Sequence[str]], m
     chance = chance_report(labels, image_labels, ks)
     report.metrics = {f"text_to_image/{name}": float(value) for name, value in result.as_dict().items()}
     report.chance = {key: value for key, value in chance.items() if key.startswith("text_to_image/")}
+    return report
+
+
+def zero_shot_items_report(image_emb: np.ndarray, meta: Sequence[dict], encode_batch: Callable,
+                           ks: Sequence[int] = (1, 5, 10), distance: Distance = L2) -> ZeroShotReport:
+    """Zero-shot retrieval on caption data: each item name held out of training (``meta["zero_shot_items"]``,
+    e.g. "a sandal") is a text query, and every image showing that item is relevant to it.
+
+    An image may show several held-out items, so each query is scored on its own (relevant: label 1) and
+    the metrics are averaged over queries; MedR is the median of the queries' first relevant ranks.
+    """
+    names = sorted({name for m in meta for name in m.get("zero_shot_items", ())})
+    vectors, known, _ = encode_batch(names)
+    report = ZeroShotReport([ZeroShotQuery(number, name, bool(ok)) for number, (name, ok) in
+                             enumerate(zip(names, known))], num_images=int(len(image_emb)))
+    per_query, chances = [], []
+    for number, name in enumerate(names):
+        if not known[number]:
+            continue
+        relevant = np.asarray([int(name in m.get("zero_shot_items", ())) for m in meta])
+        result = retrieval_metrics(vectors[number:number + 1], image_emb, np.ones(1, dtype=int), relevant, ks=ks,
+                                   distance=distance).as_dict()
+        per_query.append(result)
+        chances.append(chance_report(np.ones(1, dtype=int), relevant, ks))
+    if not per_query:
+        return report
+    metrics = {key: float(np.mean([q[key] for q in per_query])) for key in per_query[0] if key != "num_queries"}
+    metrics["MedR"] = float(np.median([q["MedR"] for q in per_query]))
+    metrics["num_queries"] = float(len(per_query))
+    report.metrics = {f"text_to_image/{key}": value for key, value in metrics.items()}
+    report.chance = {key: float(np.mean([c[key] for c in chances])) for key in chances[0]
+                     if key.startswith("text_to_image/")}
     return report
 
 
@@ -307,8 +341,8 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str = LAST_CHECKPOINT, shar
     """The evaluation report of one checkpoint of a run on ``split`` of its (or other) shards."""
     path = RunDir(run_dir).checkpoint(checkpoint)
     model = load_checkpoint(path, device=device)
-    shard_dir = Path(shards) if shards is not None else Path(model.config.data.shard_dir)
-    files = list_shards(shard_dir, split)
+    shard_dir = Path(shards) if shards is not None else Path(model.config.data.shards or model.config.data.shard_dir)
+    files = list_shards(shard_dir if shards is not None else model.config.data, split)
     collection = model_embeddings(model, files, split, device=device)
     report = evaluate_embeddings(collection.vectors.numpy(), collection.captions, collection.meta,
                                  model.caption_encoder.encode_batch, ks or model.config.train.ks,
@@ -332,7 +366,7 @@ def load_held_out(config, split: str = "val") -> HeldOutSplit:
     """Backbone features of a split of ``config``'s shards, through its feature cache (computed once)."""
     from retrieval.models import create_backbone  # models import torchvision: only when needed
 
-    shards = list_shards(config.data.shard_dir, split)
+    shards = list_shards(config.data, split)
     backbone = create_backbone(config.model.backbone, config.model.weights)
     collection = split_features(shards, split, backbone.module.eval(), model_config=config.model,
                                 image_size=config.data.image_size, mean=backbone.mean, std=backbone.std,

@@ -148,7 +148,6 @@ def index_run(run_dir: str | Path, *, checkpoint: str = BEST_CHECKPOINT, split: 
         return build_index_from_embeddings(model, embeddings, out or run.index.path,
                                            kind=kind or model.config.index.kind, metric=model.config.index.metric)
     split = split or model.config.index.split
-    splits = ("train", "val") if split == "all" else (split,)
-    shards = [shard for name in splits for shard in list_shards(model.config.data.shard_dir, name)]
+    shards = list_shards(model.config.data, split)
     return build_index(model, shards, out or run.index.path, kind=kind or model.config.index.kind,
                        metric=model.config.index.metric, device=device)

@@ -75,6 +75,20 @@ class NegativeSampler:
         """One column per row of ``candidates`` (B, B bool), given caption distances (B, B)."""
         raise NotImplementedError
 
+    def negative_set(self, distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, B) bool: every column this sampler draws row's negative from (the sum-of-hinges form).
+
+        ``distances``: the batch's caption distances. Rows whose label fills the batch have none.
+        """
+        candidates = labels[:, None] != labels[None, :]
+        if not bool(candidates.any()):
+            return candidates
+        return self.draws_from(distances, candidates) & candidates.any(dim=1, keepdim=True)
+
+    def draws_from(self, distances: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The candidates :meth:`select` chooses among (default: all of them)."""
+        return candidates
+
 
 def _uniform_choice(mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One uniformly random True column per row of a boolean matrix (every row has one)."""
@@ -106,15 +120,22 @@ class FarthestNegatives(NegativeSampler):
     def select(self, distances, candidates, generator, image_to_text=None):
         return _farthest(distances, candidates)
 
+    def draws_from(self, distances, candidates):
+        chosen = torch.zeros_like(candidates)
+        chosen[torch.arange(len(candidates)), _farthest(distances, candidates)] = True
+        return chosen
+
 
 @NEGATIVE_SAMPLERS.register("far-random")
 class FarRandomNegatives(NegativeSampler):
     """Uniform among captions farther than the batch's mean distance (the farthest if none is)."""
 
     def select(self, distances, candidates, generator, image_to_text=None):
+        return _uniform_choice(self.draws_from(distances, candidates), generator)
+
+    def draws_from(self, distances, candidates):
         threshold = distances[candidates].mean()
-        far = _or_farthest(candidates & (distances > threshold), distances, candidates)
-        return _uniform_choice(far, generator)
+        return _or_farthest(candidates & (distances > threshold), distances, candidates)
 
 
 @NEGATIVE_SAMPLERS.register("random")
@@ -146,6 +167,9 @@ class FarNegativesByModel(NegativeSampler):
     def far(self, distances: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Candidates strictly farther than the threshold; a row with none keeps its farthest caption."""
         return _or_farthest(candidates & (distances > self.threshold(distances, candidates)), distances, candidates)
+
+    def draws_from(self, distances, candidates):
+        return self.far(distances, candidates)
 
 
 @NEGATIVE_SAMPLERS.register("far-hardest")

@@ -15,11 +15,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from retrieval.compare_results import ComparisonResults, MeanStd, Standing, TextSide
+from retrieval.compare_results import ComparisonResults, DirectionVerdict, MeanStd, Standing, TextSide
 from retrieval.io import atomic_path
 
 REPORT_FILE = "report.md"
-PLOTS = {"training": "training_curves.png", "recall": "recall_at_k.png", "examples": "examples.png"}
+PLOTS = {"training": "training_curves.png", "signals": "training_signals.png", "recall": "recall_at_k.png",
+         "examples": "examples.png"}
 RANK_METRICS = ("MedR", "MeanR")  # printed with one decimal, and lower is better
 DASH = "–"
 
@@ -134,6 +135,118 @@ def _cost_table(results: ComparisonResults) -> list[str]:
     return lines
 
 
+#: how each loss turns its terms into one value (what its active fraction counts is in its module)
+LOSS_AVERAGING = {
+    "triplet": "mean over every triplet of the batch, zero terms included (hinge: sum — summed per anchor, "
+               "then the mean over anchors)",
+    "triplet-mined": "mean over the mined triplets with a non-zero term only (pytorch-metric-learning's "
+                     "AvgNonZeroReducer)",
+    "triplet-offline": "mean over every row with a negative, zero terms included",
+    "quadruplet": "mean over every anchor with a negative, zero terms included",
+    "contrastive": "mean over the positive pairs with a non-zero term plus the mean over the negative pairs "
+                   "with a non-zero term (AvgNonZeroReducer)",
+    "double-margin": "as contrastive: means over the non-zero positive and negative pairs",
+    "multi-similarity": "mean over image anchors of the soft terms of their mined pairs",
+    "circle": "mean over the image anchors with a non-zero term (AvgNonZeroReducer)",
+    "histogram": "one value per batch (the overlap of the two similarity histograms)",
+    "sigmoid-ce": "mean over every image's binary cross-entropy against its rescaled caption vector",
+    "mse": "mean over every image", "cosine": "mean over every image",
+    "softmax-ce": "mean over every image's cross-entropy over the classes",
+}
+
+
+def _reading_lines(results: ComparisonResults) -> list[str]:
+    """What the metrics mean, how ties count, how each loss averages, and why class captions tie."""
+    lines = ["- **R@K** is the share of queries with *at least one* relevant item among the top K (the "
+             "VSE++/CLIP convention); P@K is the share of relevant items in the top K; mAP averages, over "
+             "queries, the precision at the rank of every relevant item, so it reads the whole list.",
+             "- **Ties** are counted pessimistically: an item that scores exactly as high as a relevant one is "
+             "ranked ahead of it (identical embeddings never help a variant).",
+             "- **Loss values** are averaged as follows (the active fraction is the share of terms that are "
+             "non-zero):"]
+    losses = sorted({v.loss for v in results.ran() if v.kind == "train"})
+    lines += [f"  - `{loss}`: {LOSS_AVERAGING[loss]}." for loss in losses if loss in LOSS_AVERAGING]
+    if results.data.relevance == "class":
+        lines.append("- **Class captions tie.** Every caption here is a class name, so all images of a class share "
+                     "one caption vector and a query's relevant captions score identically. In image→text an image "
+                     "finds its class's copies together: R@K for every K below the copies per class is 1 exactly "
+                     "when the nearest class name is the right one, so R@1 = R@5 = R@10 = top-1 class accuracy and "
+                     "variants tie in R@K whenever they classify alike; mAP still tells them apart. In text→image "
+                     "all queries of a class are one query repeated.")
+    return lines
+
+
+def _direction_lines(results: ComparisonResults) -> list[str]:
+    """Per direction: the best variant, and the best triplet against the best cross-entropy on R@K and mAP."""
+    lines = []
+    for found in results.directions or []:
+        title = label(found.direction + "/").strip()
+        chooser = f"{found.direction}/{found.chosen_by}"
+        lines += ["", f"### {title}", "",
+                  f"Best variant by {found.chosen_by}: `{found.best.name}`, {fmt_stats(found.best, chooser)}."]
+        if not found.metrics:
+            lines.append("No triplet and cross-entropy variant both ran on the base text vectors.")
+            continue
+        lines += ["", f"Best triplet `{found.triplet}` against best cross-entropy `{found.cross_entropy}` "
+                  f"(each chosen by {found.chosen_by}):", "",
+                  "| metric | triplet | cross-entropy | triplet − cross-entropy | reading |", "|---|---|---|---|---|"]
+        for pair in found.metrics:
+            lines.append(f"| {pair.metric} | {fmt_stats(pair.triplet)} | {fmt_stats(pair.cross_entropy)} | "
+                         f"{fmt_signed(pair.margin)} | {_reading(pair.margin, pair.clear)} |")
+        lines.append("")
+        lines.append(_direction_summary(found))
+    return lines
+
+
+def _reading(margin: float, clear: bool) -> str:
+    if margin == 0:
+        return "tie"
+    winner = "triplet" if margin > 0 else "cross-entropy"
+    return f"**{winner}**, beyond the seeds' spread" if clear else f"{winner}, within the seeds' spread"
+
+
+def _direction_summary(found: DirectionVerdict) -> str:
+    clear_wins = {side: [p.metric for p in found.metrics if p.clear and (p.margin > 0) == (side == "triplet")]
+                  for side in ("triplet", "cross-entropy")}
+    parts = [f"{side} is ahead beyond the spread on {', '.join(metrics)}"
+             for side, metrics in clear_wins.items() if metrics]
+    undecided = [p.metric for p in found.metrics if not p.clear]
+    if undecided:
+        parts.append(f"{', '.join(undecided)} {'is' if len(undecided) == 1 else 'are'} within the seeds' spread")
+    return "In this direction " + "; ".join(parts) + "."
+
+
+def _signal_table(results: ComparisonResults) -> list[str]:
+    """Per trained variant: its active fraction and embedding spread over the epochs (mean over seeds)."""
+    lines = ["| variant | active fraction: first → last epoch (lowest – highest) | embedding spread: first → last "
+             "(lowest) |", "|---|---|---|"]
+    for variant in results.ran():
+        curves = variant.summary.curves
+        if curves is None:
+            continue
+        active = [v for v in curves.active_fraction if v is not None]
+        spread = [v for v in (curves.embedding_spread or []) if v is not None]
+        active_text = (f"{fmt(active[0])} → {fmt(active[-1])} ({fmt(min(active))} – {fmt(max(active))})"
+                       if active else DASH)
+        spread_text = f"{fmt(spread[0])} → {fmt(spread[-1])} ({fmt(min(spread))})" if spread else DASH
+        lines.append(f"| `{variant.name}` | {active_text} | {spread_text} |")
+    return lines
+
+
+def _alarm_lines(results: ComparisonResults) -> list[str]:
+    """What the collapse alarm (``retrieval.collapse``) said in each run, or that it stayed silent."""
+    lines = []
+    for variant in results.ran():
+        for run in variant.runs:
+            lines += [f"- `{variant.name}` seed {run.seed}: {warning}" for warning in run.warnings or []]
+    trained = [variant for variant in results.ran() if variant.kind == "train"]
+    if not lines:
+        return ["Silent in every training run" + ("" if trained else " (none ran)") + ": no margin loss kept its "
+                "active fraction under the alarm's floor, and no run's embedding spread fell under its floor, for "
+                "the alarm's patience in epochs (the train.collapse_* settings)."]
+    return ["Warnings raised during training (the train.collapse_* settings):", "", *lines]
+
+
 def render_report(results: ComparisonResults) -> str:
     """The markdown report of a comparison, from its results alone."""
     data, metric = results.data, results.primary_metric
@@ -144,6 +257,9 @@ def render_report(results: ComparisonResults) -> str:
              f"{results.num_seeds} seeds ({seeds}) on the same data, backbone and schedule, and each run is "
              f"evaluated with its `{results.checkpoint}` checkpoint. Values are mean ± sample standard deviation "
              f"over runs; variants are ranked by {label(metric)}.", "", "## Verdict", "", *_verdict_lines(results)]
+    if results.directions:
+        lines += ["", "## Triplet or cross-entropy, in each direction", *_direction_lines(results)]
+    lines += ["", "## How to read the numbers", "", *_reading_lines(results)]
     for direction in ("text_to_image", "image_to_text"):
         title = label(direction + "/").strip()
         lines += ["", f"## Held-out retrieval: {title}", "", *_metric_table(results, direction)]
@@ -157,13 +273,18 @@ def render_report(results: ComparisonResults) -> str:
                   + (f"; a first load of each text side, so that no run pays a cold start: {loads}." if loads else ".")]
     if results.zero_shot_queries:
         names = ", ".join(f"`{q.name}`" for q in results.zero_shot_queries)
-        lines += ["", "## Zero-shot retrieval", "", f"Text→image with the names of the classes held out of training "
-                  f"as queries ({names}), each against all {data.num_val_images} held-out images; relevant: "
-                  "the images of that class.", "", *_metric_table(results, "text_to_image", zero_shot=True)]
+        held_out, relevant = (("classes", "the images of that class") if data.relevance == "class" else
+                              ("items (no training caption names them)", "every image that shows that item"))
+        lines += ["", "## Zero-shot retrieval", "", f"Text→image with the names of the {held_out} held out of "
+                  f"training as queries ({names}), each against all {data.num_val_images} held-out images; "
+                  f"relevant: {relevant}.", "", *_metric_table(results, "text_to_image", zero_shot=True)]
+    lines += ["", "## Training signals", "", "Mean over seeds per epoch; the curves are in the plots below.", "",
+              *_signal_table(results), "", "### Collapse alarm", "", *_alarm_lines(results)]
     skipped = [v for v in results.variants if not v.ok]
     if skipped:
         lines += ["", "## Skipped variants", ""] + [f"- `{v.name}`: `{v.note}`" for v in skipped]
-    lines += ["", "## Plots", "", f"![training curves]({PLOTS['training']})", "", f"![R@K curves]({PLOTS['recall']})",
+    lines += ["", "## Plots", "", f"![training curves]({PLOTS['training']})", "",
+              f"![active fraction and embedding spread]({PLOTS['signals']})", "", f"![R@K curves]({PLOTS['recall']})",
               "", f"![example queries]({PLOTS['examples']})", ""]
     return "\n".join(lines)
 
@@ -205,6 +326,31 @@ def plot_training_curves(results: ComparisonResults, path: Path) -> Path:
         axis.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
     figure.suptitle(f"{results.name}: mean over seeds", y=1.03)
+    return _save(figure, path)
+
+
+def plot_training_signals(results: ComparisonResults, path: Path) -> Path:
+    """The collapse alarm's two signals per epoch, mean over seeds: active fraction and embedding spread."""
+    figure = Figure(figsize=(11, 4))
+    axes = figure.subplots(1, 2)
+    colors = _colors(results)
+    for variant in results.ran():
+        curves = variant.summary.curves
+        if curves is None:
+            continue
+        axes[0].plot(curves.epoch, _nan_for_none(curves.active_fraction), color=colors[variant.name],
+                     label=variant.name)
+        if curves.embedding_spread:
+            axes[1].plot(curves.epoch, _nan_for_none(curves.embedding_spread), color=colors[variant.name],
+                         label=variant.name)
+    titles = ("active fraction (share of non-zero loss terms)", "embedding spread (RMS distance between images)")
+    for axis, title in zip(axes, titles):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{results.name}: training signals, mean over seeds", y=1.03)
     return _save(figure, path)
 
 
@@ -287,11 +433,12 @@ def load_thumbnails(shards: Iterable[str], keys: set[str], size: int = 128) -> d
 
 
 def write_report(results: ComparisonResults, out_dir: str | Path) -> dict[str, Path]:
-    """``report.md`` and the three plots in ``out_dir``; returns their paths."""
+    """``report.md`` and its plots in ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     keys = {key for v in results.ran() for found in v.runs[0].evaluation.examples.values() for key in found}
     thumbnails = load_thumbnails(results.data.val_shards, keys)
     paths = {"training": plot_training_curves(results, out_dir / PLOTS["training"]),
+             "signals": plot_training_signals(results, out_dir / PLOTS["signals"]),
              "recall": plot_recall_curves(results, out_dir / PLOTS["recall"]),
              "examples": plot_examples(results, thumbnails, out_dir / PLOTS["examples"])}
     with atomic_path(out_dir / REPORT_FILE) as tmp:

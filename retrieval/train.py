@@ -14,6 +14,7 @@ continues a stopped run from it, exactly as if it had not stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from retrieval.batches import BatchSource, batch_source, caption_targets
 from retrieval.checkpoint import check_vectors, read_training_state, save_checkpoint, upgrade_saved_config
+from retrieval.collapse import MOMENT_DTYPE, CollapseAlarm, Spread, embedding_moments
 from retrieval.config import Config, check_ranges, config_to_dict, save_config
 from retrieval.data import list_shards
 from retrieval.data.skips import SkippedItems, skipped_summary
@@ -45,7 +47,8 @@ from retrieval.targets import build_caption_encoder
 from retrieval.training_log import EpochStats, TrainingLog, check_tensorboard
 
 # settings that may differ when a run is resumed: where it runs, not what it computes
-RESUMABLE_CHANGES = ("train.device", "train.feature_cache_dir", "train.tensorboard")
+RESUMABLE_CHANGES = ("train.device", "train.feature_cache_dir", "train.tensorboard", "train.collapse_patience",
+                     "train.collapse_min_active", "train.collapse_min_spread_ratio")
 
 
 @dataclass
@@ -60,6 +63,7 @@ class TrainResult:
     best_checkpoint: Path
     last_checkpoint: Path
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # the collapse alarm's, one line each
 
 
 @dataclass
@@ -77,13 +81,19 @@ class EpochProgress:
 
     ``counts``: the batches each signal was defined in (a mean distance is NaN in a batch without such
     pairs, e.g. no negative pair: that batch is left out of that distance's average); None in states
-    saved before it was kept, where every batch counted.
+    saved before it was kept, where every batch counted. ``moments``: the image embeddings' summed
+    :func:`~retrieval.collapse.embedding_moments` (the epoch's spread); summed on the device between
+    :meth:`sync` calls, so a step costs no extra device sync.
     """
 
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     batches: int = 0
     seconds: float = 0.0
     counts: list[int] | None = None
+    moments: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        self._moments: torch.Tensor | None = None
 
     def add(self, result: LossOutput) -> float:
         """Count one batch; returns its loss value (a device sync)."""
@@ -94,12 +104,27 @@ class EpochProgress:
         self.sums = [total + value if ok else total for total, value, ok in zip(self.sums, values, defined)]
         self.counts = [count + ok for count, ok in zip(counts, defined)]
         self.batches += 1
+        if result.embedding_moments is not None:
+            if self._moments is None:
+                self._moments = (result.embedding_moments.clone() if self.moments is None else
+                                 torch.tensor(self.moments, dtype=MOMENT_DTYPE, device=result.embedding_moments.device)
+                                 + result.embedding_moments)
+            else:
+                self._moments += result.embedding_moments
         return loss
+
+    def sync(self) -> EpochProgress:
+        """Bring the device-side moment sums into ``moments`` (before the state is saved or read)."""
+        if self._moments is not None:
+            self.moments, self._moments = self._moments.tolist(), None
+        return self
 
     def stats(self, epoch: int) -> EpochStats:
         counts = self.counts if self.counts is not None else [self.batches] * len(self.sums)
         means = [total / count if count else float("nan") for total, count in zip(self.sums, counts)]
-        return EpochStats(epoch, *means, seconds=self.seconds)
+        spread = Spread.of(self.sync().moments)
+        return EpochStats(epoch, *means, seconds=self.seconds, embedding_spread=spread.embedding_spread,
+                          dimension_variance=spread.dimension_variance)
 
 
 def check_names(config: Config) -> None:
@@ -160,11 +185,11 @@ class GlobalBatchLoss(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         outputs = self.source.embed(self.encoder, inputs)  # under train.precision's autocast
-        if not torch.is_autocast_enabled(outputs.device.type):
-            return self.loss(self.place.gather(outputs), self.place.gather(targets), self.place.gather(labels))
         with torch.autocast(device_type=outputs.device.type, enabled=False):  # the loss itself in float32
-            return self.loss(self.place.gather(outputs.float()), self.place.gather(targets),
-                             self.place.gather(labels))
+            gathered = self.place.gather(outputs.float())
+            result = self.loss(gathered, self.place.gather(targets), self.place.gather(labels))
+        return dataclasses.replace(result, embedding_moments=embedding_moments(
+            self.loss.outputs_to_embedding(gathered.detach())))
 
 
 def _numpy_state() -> dict:
@@ -195,8 +220,8 @@ class Trainer:
         if not resume:
             refuse_existing_run(self.run_dir, overwrite)
         self.place.barrier()  # every rank has looked at the folder before rank 0 changes it
-        train_shards = list_shards(config.data.shard_dir, "train")
-        val_shards = list_shards(config.data.shard_dir, "val")
+        train_shards = list_shards(config.data, "train")
+        val_shards = list_shards(config.data, "val")
         with self.place.main_first():  # weights missing from the cache are downloaded once, by rank 0
             self.backbone = create_backbone(config.model.backbone, config.model.weights)
         self.skipped = SkippedItems(warn=True) if config.data.on_error == "skip" else None
@@ -374,7 +399,7 @@ class Trainer:
             return
         self.log.flush()  # the step log holds every step up to this state
         training = {
-            "position": asdict(position), "epoch_progress": asdict(progress), "epoch_start": epoch_start,
+            "position": asdict(position), "epoch_progress": asdict(progress.sync()), "epoch_start": epoch_start,
             "random_states": random_states, "optimization": self.optimization.state_dict(),
             "history": [asdict(stats) for stats in self.history], "initial_metrics": self.initial_metrics,
             "best_score": self.best_score, "best_metrics": self.best_metrics, "complete": complete,
@@ -419,6 +444,7 @@ class Trainer:
             write_line(f"resuming {self.run_dir} at epoch {position.epoch}, batch {position.batch} "
                        f"(step {position.step})", enabled=self.place.is_main)
         self.place.barrier()
+        alarm = self._collapse_alarm()
         epochs = self.config.train.epochs
         for epoch in range(position.epoch, epochs + 1):
             stats = self.train_epoch(epoch, position, progress, replay)
@@ -430,6 +456,8 @@ class Trainer:
                     self.save(BEST_CHECKPOINT, epoch, stats.metrics)
             self.history.append(stats)
             self.log.end_epoch(stats, self.history)
+            for warning in alarm.update(epoch, stats.active_fraction, stats.embedding_spread):
+                write_line(warning, enabled=self.place.is_main)
             position.epoch, position.batch, progress = epoch + 1, 0, EpochProgress()
             self.save_training_state(position, progress, {}, complete=epoch == epochs)
         final = self.history[-1].metrics if self.history else self.initial_metrics
@@ -440,7 +468,18 @@ class Trainer:
                 write_line(f"data.on_error=skip: {skipped_summary(self.skipped.counts())}")
         self.place.barrier()
         return TrainResult(self.run_dir.path, self.history, self.initial_metrics, final, self.best_metrics,
-                           self.run_dir.checkpoint(BEST_CHECKPOINT), last, time.perf_counter() - started)
+                           self.run_dir.checkpoint(BEST_CHECKPOINT), last, time.perf_counter() - started,
+                           warnings=list(alarm.warnings))
+
+    def _collapse_alarm(self) -> CollapseAlarm:
+        """The run's collapse alarm, having seen the epochs already in the history (a resumed run)."""
+        train = self.config.train
+        alarm = CollapseAlarm(patience=train.collapse_patience, min_active=train.collapse_min_active,
+                              min_spread_ratio=train.collapse_min_spread_ratio,
+                              check_active=type(self.loss).active_means_gradient)
+        for stats in self.history:
+            alarm.update(stats.epoch, stats.active_fraction, stats.embedding_spread)
+        return alarm
 
 
 def fit(config: Config, progress: bool = True, overwrite: bool = False, resume: bool = False) -> TrainResult:

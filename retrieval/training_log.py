@@ -16,6 +16,7 @@ every event after ``s``, so the logs read as those of one uninterrupted run.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 import time
@@ -29,14 +30,19 @@ from retrieval.progress import format_duration, is_terminal, progress_bar
 from retrieval.rundir import RunDir
 
 STEP_COLUMNS = ("step", "epoch", "loss", "lr")
-EPOCH_COLUMNS = ("epoch", "loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "seconds")
+EPOCH_COLUMNS = ("epoch", "loss", "active_fraction", "mean_pos_distance", "mean_neg_distance",
+                 "embedding_spread", "dimension_variance", "seconds")
 SHOWN_METRIC = "text_to_image/R@5"  # the held-out figure an epoch's line shows
 STEPS_FLUSH_SECONDS = 1.0  # steps.csv reaches the disk at least this often (and at every flush())
 
 
 @dataclass
 class EpochStats:
-    """What one epoch did: the loss signals, and held-out retrieval when it was evaluated."""
+    """What one epoch did: the loss signals, and held-out retrieval when it was evaluated.
+
+    ``embedding_spread`` and ``dimension_variance``: how far apart the epoch's image embeddings are
+    (:class:`retrieval.collapse.Spread`); NaN in histories saved before they were logged.
+    """
 
     epoch: int
     loss: float
@@ -45,6 +51,8 @@ class EpochStats:
     mean_neg_distance: float
     seconds: float
     metrics: dict = field(default_factory=dict)
+    embedding_spread: float = float("nan")
+    dimension_variance: float = float("nan")
 
 
 def write_history(path: str | os.PathLike, history: list[EpochStats]) -> None:
@@ -90,8 +98,11 @@ def read_steps(path: str | os.PathLike) -> list[dict]:
 
 
 def epoch_line(stats: EpochStats, images_per_second: float | None = None, epochs: int | None = None) -> str:
-    """``epoch 3/60: loss 0.4123, active 0.532, t2i R@5 0.620, 1234 img/s, 12.3 s`` (the parts that are known)."""
+    """``epoch 3/60: loss 0.4123, active 0.532, spread 0.812, t2i R@5 0.620, 1234 img/s, 12.3 s`` (the parts
+    that are known)."""
     parts = [f"loss {stats.loss:.4f}", f"active {stats.active_fraction:.3f}"]
+    if not math.isnan(stats.embedding_spread):
+        parts.append(f"spread {stats.embedding_spread:.3f}")
     if SHOWN_METRIC in stats.metrics:
         parts.append(f"t2i R@5 {stats.metrics[SHOWN_METRIC]:.3f}")
     if images_per_second:
@@ -204,6 +215,8 @@ class TrainingLog:
             scalars = {"epoch/loss": stats.loss, "epoch/active_fraction": stats.active_fraction,
                        "epoch/mean_pos_distance": stats.mean_pos_distance,
                        "epoch/mean_neg_distance": stats.mean_neg_distance, "epoch/seconds": stats.seconds,
+                       "epoch/embedding_spread": stats.embedding_spread,
+                       "epoch/dimension_variance": stats.dimension_variance,
                        **{f"held_out/{name}": value for name, value in stats.metrics.items()}}
             if rate:
                 scalars["epoch/images_per_second"] = rate

@@ -271,7 +271,7 @@ def test_model_card_states_the_loss_with_every_setting_in_effect(trained_run, ap
     card = model_card(Searcher.open(trained_run.best_checkpoint, app_index), "best.pt")
     # demo.yaml's loss; the far threshold is unset (only far-hardest and far-semihard take one)
     assert ("- **loss**: triplet (margin=0.4, squared=False, negatives=farthest, far_quantile=None, "
-            "far_distance=None)\n") in card
+            "far_distance=None, anchors=image, hinge=sampled)\n") in card
     assert ", l2, 25 images" in card  # the index compares by the loss's distance
 
 

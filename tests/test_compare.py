@@ -72,7 +72,8 @@ def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
                         "conse": "reference"}
     recipe = next(v["recipe"]["loss"] for v in results["variants"] if v["name"] == "triplet-farthest")
     assert recipe == {"name": "triplet", "margin": 0.4, "squared": False, "negatives": "farthest",
-                      "far_quantile": None, "far_distance": None}  # every setting
+                      "far_quantile": None, "far_distance": None, "anchors": "image",
+                      "hinge": "sampled"}  # every setting
     assert results["command"].startswith("retrieval compare --config")
     assert results["base_config"]["train"]["epochs"] == 2 and results["num_seeds"] == 2
 
@@ -80,16 +81,21 @@ def test_every_variant_and_seed_ran_on_one_feature_cache(comparison):
 @pytest.mark.slow
 def test_report_has_its_sections_rows_and_plots(comparison):
     out, results, report = comparison
-    for heading in ("## Verdict", "## Held-out retrieval: text→image", "## Held-out retrieval: image→text",
-                    "## Training cost", "## Skipped variants", "## Plots"):
+    for heading in ("## Verdict", "## Triplet or cross-entropy, in each direction", "### text→image",
+                    "### image→text", "## How to read the numbers", "## Held-out retrieval: text→image",
+                    "## Held-out retrieval: image→text", "## Training cost", "## Training signals",
+                    "### Collapse alarm", "## Skipped variants", "## Plots"):
         assert heading in report
+    assert "*at least one* relevant item among the top K" in report and "pessimistically" in report
     for variant in results["variants"]:
         rows = [line for line in report.splitlines() if line.startswith(f"| `{variant['name']}` |")]
-        assert len(rows) == (3 if variant["status"] == "ok" else 0), variant["name"]
+        # two metric tables and the cost table; a trained variant also has a training-signals row
+        expected = 0 if variant["status"] != "ok" else 4 if variant["kind"] == "train" else 3
+        assert len(rows) == expected, variant["name"]
     assert report.count("| chance |") == 2
     winner = results["verdict"]["winner"]["name"]
     assert f"**`{winner}` wins**" in report and "2 seeds" in report
-    for name in ("training_curves.png", "recall_at_k.png", "examples.png"):
+    for name in ("training_curves.png", "training_signals.png", "recall_at_k.png", "examples.png"):
         path = out / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE and f"({name})" in report
         with Image.open(path) as image:
@@ -254,3 +260,29 @@ def test_compare_config_errors_are_one_line(tmp_path, sample_shards):
         with pytest.raises(ConfigError) as error:
             load_compare_config(write_config(tmp_path, sample_shards, **extra))
         assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def test_each_direction_sets_the_best_triplet_against_the_best_cross_entropy_on_every_metric():
+    from retrieval.compare import direction_verdicts
+
+    results = hand_made_results()
+    triplet, sigmoid = results["variants"][0], results["variants"][1]
+    # image→text: cross-entropy ahead on mAP by more than the two spreads, R@1 a tie within them
+    sigmoid["summary"]["metrics"]["image_to_text/mAP"] = {"mean": 0.6, "std": 0.05}
+    triplet["summary"]["metrics"]["image_to_text/R@1"] = {"mean": 0.34, "std": 0.02}
+    typed = ComparisonResults.from_json(results)
+    found = direction_verdicts(typed.variants, "glove-6b-50d", [1, 5, 10])
+    assert [d.direction for d in found] == ["text_to_image", "image_to_text"]
+    t2i, i2t = found
+    assert (t2i.best.name, t2i.triplet, t2i.cross_entropy) == ("triplet-farthest", "triplet-farthest", "sigmoid-ce")
+    assert [p.metric for p in t2i.metrics] == ["R@1", "R@5", "R@10", "mAP"]
+    assert all(p.margin == pytest.approx(0.12) and p.clear for p in t2i.metrics)  # 0.12 > 0.02 + 0.03
+    by_metric = {p.metric: p for p in i2t.metrics}
+    assert i2t.best.name == "sigmoid-ce" and by_metric["mAP"].margin == pytest.approx(0.45 - 0.6)
+    assert by_metric["mAP"].clear and not by_metric["R@1"].clear  # |0.01| < 0.02 + 0.03
+    results["directions"] = [d.to_json() for d in found]
+    report = render_report(ComparisonResults.from_json(results))
+    assert "| mAP | 0.450 ± 0.020 | 0.600 ± 0.050 | -0.150 | **cross-entropy**, beyond the seeds' spread |" in report
+    assert "| R@1 | 0.340 ± 0.020 | 0.330 ± 0.030 | +0.010 | triplet, within the seeds' spread |" in report
+    assert "Class captions tie" in report  # relevance by class
+    check_numbers_come_from(results, report)

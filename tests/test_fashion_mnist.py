@@ -179,6 +179,51 @@ def test_scenes_match_their_items_and_are_deterministic(fmnist_dir: Path) -> Non
         records_from_fashion_mnist_scenes(fmnist_dir, scene_count=0)
 
 
+def test_scene_zero_shot_items_never_reach_train_and_are_marked_in_val(fmnist_dir: Path) -> None:
+    scenes = list(records_from_fashion_mnist_scenes(fmnist_dir, scene_count=200, val_fraction=0.5, seed=0,
+                                                    zero_shot_classes=("sandal", "bag")))
+    train = [r for r in scenes if r.meta["split"] == "train"]
+    val = [r for r in scenes if r.meta["split"] == "val"]
+    assert not any(word in r.captions[0] for r in train for word in ("sandal", "bag"))
+    assert not any(label in (5, 8) for r in train for label in r.meta["item_labels"])
+    assert all("zero_shot_items" not in r.meta for r in train)
+    for scene in val:
+        shown = sorted({{5: "a sandal", 8: "a bag"}[label] for label in scene.meta["item_labels"] if label in (5, 8)})
+        assert scene.meta.get("zero_shot_items", []) == shown
+    assert sum("zero_shot_items" in r.meta for r in val) > 20  # most val scenes show one of two of ten classes
+    with pytest.raises(ConfigError, match="zero_shot_classes: unknown Fashion-MNIST class 'hat'"):
+        records_from_fashion_mnist_scenes(fmnist_dir, scene_count=10, zero_shot_classes=("hat",))
+
+
+def test_zero_shot_items_report_scores_each_item_query_against_brute_force() -> None:
+    from retrieval.evaluation import zero_shot_report
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(30, 4)).astype(np.float32)
+    meta = [{"item_labels": []} for _ in images]
+    shows = {"a sandal": [0, 3, 7, 12], "a bag": [3, 20]}
+    for name, rows in shows.items():
+        for row in rows:
+            meta[row].setdefault("zero_shot_items", []).append(name)
+    queries = {"a bag": rng.normal(size=4).astype(np.float32), "a sandal": rng.normal(size=4).astype(np.float32)}
+
+    def encode_batch(texts):
+        return np.stack([queries[t] for t in texts]), np.ones(len(texts), dtype=bool), None
+
+    report = zero_shot_report(images, [("x",)] * 30, meta, encode_batch, ks=(1, 5))
+    assert [q.name for q in report.queries] == ["a bag", "a sandal"]
+    ranks = {}
+    for name, vector in queries.items():  # brute force: rank of each relevant image by L2 distance
+        order = np.argsort(np.linalg.norm(images - vector, axis=1), kind="stable")
+        ranks[name] = sorted(int(np.flatnonzero(order == row)[0]) + 1 for row in shows[name])
+    for k in (1, 5):
+        expected = np.mean([any(r <= k for r in ranks[name]) for name in queries])
+        assert report.metrics[f"text_to_image/R@{k}"] == pytest.approx(expected)
+    average_precision = [np.mean([(m + 1) / r for m, r in enumerate(ranks[name])]) for name in queries]
+    assert report.metrics["text_to_image/mAP"] == pytest.approx(np.mean(average_precision))
+    assert report.metrics["text_to_image/MedR"] == pytest.approx(np.median([ranks[n][0] for n in queries]))
+
+
 def test_shards_round_trip(fmnist_dir: Path, tmp_path: Path) -> None:
     records = list(records_from_fashion_mnist(fmnist_dir, limit_per_class=2, zero_shot_classes=("sandal", "bag")))
     manifest = write_shards(records, tmp_path / "items", split_by="split", shard_size=16, progress=False)

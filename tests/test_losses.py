@@ -619,13 +619,15 @@ CHANGED_SETTINGS = {
     "quadruplet": {"margin": 1.5, "second_margin": 0.2, "squared": True},
     "sigmoid-ce": {},
     "softmax-ce": {},
-    "triplet": {"margin": 2.5, "squared": True, "negatives": "random", "far_quantile": 0.9, "far_distance": 4.0},
+    "triplet": {"margin": 2.5, "squared": True, "negatives": "random", "far_quantile": 0.9, "far_distance": 4.0,
+                "anchors": "caption", "hinge": "sum"},
     "triplet-mined": {"margin": 2.5, "mining": "hard", "squared": True},
     "triplet-offline": {"margin": 2.5, "squared": True, "bank_size": 2, "pool_size": 24},
 }
 # Settings that act only beside another one: both the default and the changed loss get it.
 SETTING_CONTEXT = {("triplet", "far_quantile"): {"negatives": "far-hardest"},
-                   ("triplet", "far_distance"): {"negatives": "far-hardest"}}
+                   ("triplet", "far_distance"): {"negatives": "far-hardest"},
+                   ("triplet", "hinge"): {"negatives": "random"}}
 
 
 def configured_loss(name: str, **settings):

@@ -39,7 +39,7 @@ class Terminal(io.StringIO):
 
 def stats(epoch: int, loss: float, metrics: dict | None = None) -> EpochStats:
     return EpochStats(epoch, loss, active_fraction=0.5, mean_pos_distance=0.25, mean_neg_distance=1.5, seconds=2.0,
-                      metrics=metrics or {})
+                      metrics=metrics or {}, embedding_spread=0.75, dimension_variance=0.125)
 
 
 def loss_of(step: int, session: int = 1) -> float:
@@ -125,16 +125,15 @@ def test_end_epoch_rewrites_metrics_csv_with_every_epoch(tmp_path):
     log = TrainingLog(run, progress=False, tensorboard=False)
     history = [stats(1, 0.75)]
     log.end_epoch(history[0], history)
-    assert read_csv(run.metrics_file) == [
-        ["epoch", "loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "seconds"],
-        ["1", "0.75", "0.5", "0.25", "1.5", "2.0"]]
+    columns = ["epoch", "loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "embedding_spread",
+               "dimension_variance", "seconds"]
+    assert read_csv(run.metrics_file) == [columns, ["1", "0.75", "0.5", "0.25", "1.5", "0.75", "0.125", "2.0"]]
     history.append(stats(2, 0.5, {"text_to_image/R@5": 0.625, "image_to_text/R@1": 0.125}))
     log.end_epoch(history[1], history)
     assert read_csv(run.metrics_file) == [
-        ["epoch", "loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "seconds",
-         "image_to_text/R@1", "text_to_image/R@5"],
-        ["1", "0.75", "0.5", "0.25", "1.5", "2.0", "", ""],
-        ["2", "0.5", "0.5", "0.25", "1.5", "2.0", "0.125", "0.625"]]
+        [*columns, "image_to_text/R@1", "text_to_image/R@5"],
+        ["1", "0.75", "0.5", "0.25", "1.5", "0.75", "0.125", "2.0", "", ""],
+        ["2", "0.5", "0.5", "0.25", "1.5", "0.75", "0.125", "2.0", "0.125", "0.625"]]
     log.close()
 
 
@@ -218,9 +217,9 @@ def test_not_a_terminal_gets_one_line_per_epoch(tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert out == "" and "\r" not in err
     assert err.splitlines() == [
-        "epoch 1/3: loss 0.5000, active 0.500, 32 img/s, 2.0 s",  # 4 steps × 16 images in 4 × 0.5 s
-        "epoch 2/3: loss 0.5000, active 0.500, 32 img/s, 2.0 s",
-        "epoch 3/3: loss 0.5000, active 0.500, t2i R@5 0.625, 32 img/s, 2.0 s"]
+        "epoch 1/3: loss 0.5000, active 0.500, spread 0.750, 32 img/s, 2.0 s",  # 4 steps × 16 images in 4 × 0.5 s
+        "epoch 2/3: loss 0.5000, active 0.500, spread 0.750, 32 img/s, 2.0 s",
+        "epoch 3/3: loss 0.5000, active 0.500, spread 0.750, t2i R@5 0.625, 32 img/s, 2.0 s"]
 
 
 def test_without_progress_nothing_is_printed(tmp_path, capsys):

@@ -6,6 +6,11 @@ so no val scene shares an item with training. Scenes are a pure function of the 
 ``seed`` and counts give the same images and captions. Records carry no ``label`` (caption-only
 data: a caption is relevant to its own scene), but meta lists the items (``item_labels``,
 ``item_keys``) for analyses by content.
+
+With ``zero_shot_classes`` those items never reach training: the train pool leaves them out, so no
+train caption names them, and each val scene that shows one lists the held-out names it shows in
+``meta["zero_shot_items"]`` ("a sandal"). Evaluation then queries with each held-out name alone
+and counts every val scene showing that item as relevant (zero-shot retrieval on caption data).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from retrieval.data.fashion_mnist import (
     CLASS_NAMES,
     check_limit_per_class,
+    class_ids,
     item_key,
     load_fashion_mnist,
     png_bytes,
@@ -80,27 +86,36 @@ def records_from_fashion_mnist_scenes(
     val_fraction: float = 0.2,
     seed: int = 0,
     limit_per_class: int | None = None,
+    zero_shot_classes: Sequence[str] = (),
 ) -> Iterator[Record]:
     """``scene_count`` scenes (``val_fraction`` of them val, from test items), train first.
 
-    ``limit_per_class`` first restricts each split's item pool (a seeded subsample per class).
+    ``limit_per_class`` first restricts each split's item pool (a seeded subsample per class);
+    ``zero_shot_classes`` (names from ``CLASS_NAMES``) are left out of the train pool.
     """
     counts = scene_counts(scene_count, val_fraction)
     check_limit_per_class(limit_per_class)  # before reading
+    held_out = class_ids(zero_shot_classes)
     folder = resolve_fashion_mnist_dir(path)
-    return _scene_records(folder, counts, seed, limit_per_class)
+    return _scene_records(folder, counts, seed, limit_per_class, held_out)
 
 
-def _scene_records(folder: Path, counts: dict[str, int], seed: int, limit: int | None) -> Iterator[Record]:
+def _scene_records(folder: Path, counts: dict[str, int], seed: int, limit: int | None,
+                   held_out: tuple[int, ...] = ()) -> Iterator[Record]:
     for split, count in counts.items():
         if count == 0:
             continue
         images, labels = load_fashion_mnist(folder, split)
         pool = subsample_per_class(labels, limit, seed)
+        if split == "train" and held_out:
+            pool = pool[~np.isin(labels[pool], held_out)]
         for number, picks in enumerate(scene_items(len(pool), count, seed, split)):
             chosen = pool[picks]
             item_labels = [int(label) for label in labels[chosen]]
             meta = {"split": split, "item_labels": item_labels, "item_keys": [item_key(split, int(i)) for i in chosen]}
+            shown = sorted({with_article(CLASS_NAMES[label]) for label in item_labels if label in held_out})
+            if shown:
+                meta["zero_shot_items"] = shown
             yield Record(f"scene-{split}-{number:06d}", png_bytes(compose_scene(images[chosen])), "png",
                          (scene_caption(item_labels),), meta, origin=f"{folder} ({split} scene {number})")
 
@@ -111,15 +126,18 @@ class FashionMnistScenesSource(SourceOptions):
     """2x2 Fashion-MNIST scenes (``records_from_fashion_mnist_scenes``); needs ``data.split_by: split``.
 
     ``scene_count``: scenes in all (``data.val_fraction`` of them val); ``limit_per_class``: each
-    split's item pool restricted to this many items per class (seeded by ``data.split_seed``).
+    split's item pool restricted to this many items per class (seeded by ``data.split_seed``);
+    ``zero_shot_classes``: item names kept out of every train scene (queried alone at evaluation).
     """
 
     scene_count: int = 20000
     limit_per_class: int | None = None
+    zero_shot_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         scene_counts(self.scene_count, 0.0)
         check_limit_per_class(self.limit_per_class)
+        class_ids(self.zero_shot_classes)
 
     def check(self, data: Any) -> None:
         if data.split_by != "split":
@@ -129,4 +147,5 @@ class FashionMnistScenesSource(SourceOptions):
     def records(self, path: str | os.PathLike, *, seed: int, val_fraction: float,
                 skipped: Any = None) -> Iterator[Record]:
         return records_from_fashion_mnist_scenes(path, scene_count=self.scene_count, val_fraction=val_fraction,
-                                                 seed=seed, limit_per_class=self.limit_per_class)
+                                                 seed=seed, limit_per_class=self.limit_per_class,
+                                                 zero_shot_classes=self.zero_shot_classes)

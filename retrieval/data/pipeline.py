@@ -25,6 +25,7 @@ import torch
 import webdataset as wds
 
 from retrieval.data.images import ImageTooLarge, decode_image_bytes, image_error_text, open_within_limit
+from retrieval.data.in_place import _select_in_place
 from retrieval.data.shards import SHORT_SHARD, check_samples_read
 from retrieval.data.skips import BadItem, SkippedItems
 from retrieval.data.sources import IMAGE_EXTS, wds_error_text
@@ -315,6 +316,7 @@ decode = wds.pipelinefilter(_decode)
 pick_caption = wds.pipelinefilter(_pick_caption)
 to_train_tuple = wds.pipelinefilter(_to_train_tuple)
 count_samples = wds.pipelinefilter(_count_samples)
+select_in_place = wds.pipelinefilter(_select_in_place)
 
 
 def _check_shards(shards: Sequence[str]) -> list[str]:
@@ -335,7 +337,7 @@ def iter_samples(shards: Sequence[str], handler: Handler = raise_data_error) -> 
     read = dict.fromkeys(shards, 0)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=handler), count_samples(read),
-        decode(handler=handler)
+        select_in_place(handler), decode(handler=handler)
     )
     return _then_check_counts(pipeline, read, handler)
 
@@ -354,7 +356,7 @@ def read_shard_records(shards: Sequence[str], handler: Handler = raise_data_erro
     shards = [str(s) for s in ([shards] if isinstance(shards, str) else shards)]
     read = dict.fromkeys(shards, 0)
     samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=handler),
-                               count_samples(read))
+                               count_samples(read), select_in_place(handler))
     records = []
     for sample in samples:
         try:
@@ -423,6 +425,7 @@ def make_train_pipeline(
         wds.SimpleShardList(_check_shards(shards)),
         *shard_stages,
         wds.tarfile_to_samples(handler=handler),
+        select_in_place(handler),
         shuffle_samples(bufsize=shuffle_buffer, seed=state),
         decode(handler=handler, keep_encoded=keep_encoded),
         pick_caption(caption_vector, seed=state, counts=counts),

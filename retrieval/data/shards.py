@@ -6,9 +6,11 @@ and ``json`` = {"key", "captions", "meta"}. The output folder appears whole or n
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,10 +20,10 @@ from typing import Any
 import webdataset as wds
 
 from retrieval.data.images import check_image_bytes, image_error_text
-from retrieval.data.skips import BadItem, SkippedItems, pass_on
+from retrieval.data.skips import BadItem, Skipped, SkippedItems, pass_on
 from retrieval.data.sources import Record, check_unique_keys
 from retrieval.errors import ConfigError, DataError
-from retrieval.io import atomic_dir, write_json
+from retrieval.io import atomic_dir, atomic_path, write_json
 from retrieval.progress import progress_bar
 
 MANIFEST = "manifest.json"
@@ -86,8 +88,9 @@ def short_shards(read: Mapping[str, int]) -> dict[str, str]:
     """Shard path → message, for each shard file whose full read gave another number of samples than its manifest lists.
 
     ``read`` maps each shard path to the samples read from it in one complete pass. A tar file cut at a
-    member boundary reads without any error, only short: this is how it is noticed. Shards without a
-    manifest beside them, or not listed in it, are not checked.
+    member boundary reads without any error, only short: this is how it is noticed. A shard without a
+    manifest is checked against img2dataset's ``NNNNN_stats.json`` beside it, where there is one: it must
+    hold at least its ``successes`` (a tar may also hold samples whose status is not success).
     """
     manifests: dict[Path, ShardManifest | None] = {}
     messages = {}
@@ -96,10 +99,19 @@ def short_shards(read: Mapping[str, int]) -> dict[str, str]:
         if folder not in manifests:
             manifests[folder] = read_manifest(folder) if (folder / MANIFEST).is_file() else None
         manifest = manifests[folder]
-        expected = manifest.samples_in(Path(shard).name) if manifest is not None else None
-        if expected is not None and count != expected:
-            messages[shard] = (f"{shard}: holds {count} of the {expected} samples its manifest lists "
-                               "(truncated or replaced?); prepare the shards again")
+        if manifest is not None:
+            expected = manifest.samples_in(Path(shard).name)
+            wrong = expected is not None and count != expected
+        else:  # img2dataset output read in place: its stats file counts the successes it wrote (at least)
+            from retrieval.data.in_place import stats_count
+
+            expected = stats_count(shard)
+            wrong = expected is not None and count < expected
+        if wrong:
+            listed = "its manifest lists" if manifest is not None else "its stats file counts"
+            messages[shard] = (f"{shard}: holds {count} of the {expected} samples {listed} "
+                               "(truncated or replaced?); " + ("prepare the shards again" if manifest is not None
+                                                                else "write that shard again"))
     return messages
 
 
@@ -113,9 +125,22 @@ def check_samples_read(read: Mapping[str, int], handler: Callable[[Exception], b
         handler(BadItem(message, SHORT_SHARD, shard))
 
 
-def list_shards(shard_dir: str | os.PathLike, split: str) -> list[str]:
-    """Sorted paths of ``{split}-*.tar`` in ``shard_dir``; no folder or no shards → DataError."""
-    folder = Path(shard_dir)
+def list_shards(source: str | os.PathLike | Any, split: str) -> list[str]:
+    """Sorted shard paths of ``split`` (train, val, or all: both) — the one place a data section's shards are found.
+
+    ``source`` is a prepared shard folder (``{split}-*.tar`` beside a manifest) or a ``DataConfig``: its
+    ``data.shards`` read in place (``retrieval.data.in_place``; every shard, its samples selected by split
+    while streaming) or else its ``data.shard_dir``. No folder or no shards → DataError.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        if getattr(source, "shards", None):
+            from retrieval.data.in_place import in_place_shards
+
+            return list(in_place_shards(source, split))
+        source = source.shard_dir
+    if split == "all":
+        return [shard for name in SPLITS for shard in list_shards(source, name)]
+    folder = Path(source)
     if not folder.is_dir():
         raise DataError(f"{folder}: shard folder not found (looking for {split!r} shards)")
     paths = sorted(folder.glob(f"{split}-*.tar"))
@@ -205,6 +230,149 @@ class _SplitWriters:
         self.writers.clear()
 
 
+@dataclass
+class _WrittenShard:
+    """What a worker process wrote: one shard file, or none when every record in it was bad (skip policy)."""
+
+    split: str
+    name: str
+    count: int
+    captions: int
+    bad: list[tuple[int, BadItem]]  # (the record's place in the shard's list, its error)
+
+
+def _write_one_shard(folder: str, split: str, name: str, records: list[Record], skip: bool) -> _WrittenShard:
+    """Verify ``records`` and write the good ones as shard ``name`` in ``folder`` (temp file + rename); in a worker.
+
+    Bad records come back in ``bad``; without ``skip`` the first one ends the shard and nothing is written.
+    """
+    good, bad = [], []
+    for place, record in enumerate(records):
+        try:
+            _verify_image(record)
+        except BadItem as error:
+            bad.append((place, error))
+            if not skip:
+                return _WrittenShard(split, name, 0, 0, bad)
+            continue
+        good.append(record)
+    if good:
+        with atomic_path(Path(folder) / name) as tmp, open(tmp, "wb") as stream:
+            with contextlib.closing(wds.TarWriter(stream, encoder=False, mtime=0.0)) as writer:
+                for record in good:
+                    writer.write(_sample(record))
+    return _WrittenShard(split, name, len(good), sum(len(r.captions) for r in good), bad)
+
+
+def _process_context() -> Any:
+    """Fork where the platform has it (workers start at once, nothing re-imported), else spawn."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+def _write_in_processes(records: Iterable[Record], folder: Path, workers: int, shard_size: int,
+                        skipped: SkippedItems | None, split_of: Callable[[Record], str]) -> _SplitWriters:
+    """Group ``records`` by split into the shards one process would write, and verify and write each shard in
+    one of ``workers`` processes. Returns the tally (names, counts) that :func:`write_shards` reads.
+
+    At most ``workers + 1`` shards' records wait in memory; results are taken in the order shards were
+    handed out, so names do not depend on which process finished first. Errors come out as from one
+    process: without ``skipped`` the error of the first bad record (in reading order) is raised; with it,
+    ``skipped`` lists the items in reading order.
+    """
+    tally = _SplitWriters(folder, shard_size)
+    pending: dict[str, list[tuple[Record, tuple[int, int]]]] = {s: [] for s in SPLITS}
+    numbers = {s: 0 for s in SPLITS}
+    queue: collections.deque = collections.deque()
+    late: list[tuple[tuple[int, int], Skipped]] = []  # bad images: (items skipped before it was read, record number)
+    failures: list[tuple[float, DataError]] = []  # stop policy: (record number, error)
+
+    def collect(result: _WrittenShard, places: list[tuple[int, int]]) -> None:
+        for place, error in result.bad:
+            if skipped is None:
+                failures.append((places[place][1], error))
+                continue
+            skipped.add(error)
+            late.append((places[place], skipped.items.pop()))
+        if result.count:
+            tally.names[result.split].append(result.name)
+            tally.shard_counts[result.name] = result.count
+            tally.counts[result.split] += result.count
+            tally.captions[result.split] += result.captions
+
+    def stop_at_first_error() -> None:
+        """Stop policy: finish what was handed out, check what was not, raise the earliest record's error."""
+        while queue:
+            task, places = queue.popleft()
+            collect(task.get(), places)
+        for waiting in pending.values():
+            for record, (_, number) in waiting:
+                try:
+                    _verify_image(record)
+                except BadItem as error:
+                    failures.append((number, error))
+                    break
+        raise min(failures, key=lambda failure: failure[0])[1]
+
+    with _process_context().Pool(workers) as pool:
+        def hand_out(split: str) -> None:
+            name = f"{split}-{numbers[split]:06d}.tar"
+            numbers[split] += 1
+            chunk = [record for record, _ in pending[split]]
+            task = pool.apply_async(_write_one_shard, (str(folder), split, name, chunk, skipped is not None))
+            queue.append((task, [place for _, place in pending[split]]))
+            pending[split] = []
+            while len(queue) > workers:
+                task, places = queue.popleft()
+                collect(task.get(), places)
+            if failures:
+                stop_at_first_error()
+
+        stream, number = iter(records), -1
+        while True:
+            try:
+                record = next(stream)
+            except StopIteration:
+                break
+            except DataError as error:  # the source stopped: after the records read so far
+                if skipped is None:
+                    failures.append((number + 0.5, error))
+                    stop_at_first_error()
+                raise
+            number += 1
+            try:
+                split = split_of(record)
+            except BadItem as error:
+                if skipped is None:
+                    failures.append((number, error))
+                    stop_at_first_error()
+                pass_on(error, skipped)
+                continue
+            pending[split].append((record, (len(skipped) if skipped is not None else 0, number)))
+            if len(pending[split]) == shard_size:
+                hand_out(split)
+        for split in SPLITS:
+            if pending[split]:
+                hand_out(split)
+        while queue:
+            task, places = queue.popleft()
+            collect(task.get(), places)
+        if failures:
+            stop_at_first_error()
+    if skipped is not None and late:
+        skipped.items = _merge_skips(skipped.items, sorted(late, key=lambda item: item[0]))
+    return tally
+
+
+def _merge_skips(early: list[Skipped], late: list[tuple[tuple[int, int], Skipped]]) -> list[Skipped]:
+    """``early`` (noted as records were read) with each of ``late`` placed after the first ``before`` of them."""
+    merged, position = [], 0
+    for (before, _), item in late:
+        merged += early[position:before]
+        position = max(position, before)
+        merged.append(item)
+    return merged + early[position:]
+
+
 def _check_args(shard_size: int, val_fraction: float, split_by: str) -> None:
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ConfigError(f"shard_size must be a positive integer, got {shard_size!r}")
@@ -225,6 +393,7 @@ def write_shards(
     source: str = "",
     progress: bool = True,
     skipped: SkippedItems | None = None,
+    workers: int = 1,
 ) -> ShardManifest:
     """Write ``records`` as train/val tar shards plus ``manifest.json`` into ``out_dir``, atomically.
 
@@ -234,22 +403,32 @@ def write_shards(
     Any failure leaves ``out_dir`` untouched. With ``skipped`` (the ``data.on_error: skip`` policy) a bad
     record is noted there and passed over instead, and the folder gets ``skipped.jsonl`` listing every item
     ``skipped`` holds (the readers' too).
+
+    ``workers`` > 1 verifies and writes in that many processes (:func:`_write_in_processes`): the same
+    samples, keys, splits and shard files as one process; with ``skipped`` a shard that lost bad records
+    holds fewer than ``shard_size`` samples (one process fills it from the next ones).
     """
     _check_args(shard_size, val_fraction, split_by)
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        writers = _SplitWriters(tmp, shard_size)
-        with contextlib.closing(writers):
-            bar = progress_bar(check_unique_keys(records, skipped), desc=f"writing {out.name}", unit="img",
-                               enabled=progress)
-            for record in bar:
-                try:
-                    _verify_image(record)
-                    split = assign_split(record, split_by, val_fraction, split_seed)
-                except BadItem as error:
-                    pass_on(error, skipped)
-                    continue
-                writers.write(split, record)
+        bar = progress_bar(check_unique_keys(records, skipped), desc=f"writing {out.name}", unit="img",
+                           enabled=progress)
+        if workers > 1:
+            writers = _write_in_processes(bar, tmp, workers, shard_size, skipped,
+                                          lambda record: assign_split(record, split_by, val_fraction, split_seed))
+        else:
+            writers = _SplitWriters(tmp, shard_size)
+            with contextlib.closing(writers):
+                for record in bar:
+                    try:
+                        _verify_image(record)
+                        split = assign_split(record, split_by, val_fraction, split_seed)
+                    except BadItem as error:
+                        pass_on(error, skipped)
+                        continue
+                    writers.write(split, record)
         if sum(writers.counts.values()) == 0:
             raise DataError(f"{source or out}: no records to write")
         split_rule: dict[str, Any] = {"by": split_by}

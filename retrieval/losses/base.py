@@ -43,6 +43,8 @@ class LossOutput:
     active_fraction: float
     mean_pos_distance: float
     mean_neg_distance: float
+    #: the batch's image embeddings summed into :func:`retrieval.collapse.embedding_moments` (set by training)
+    embedding_moments: torch.Tensor | None = None
 
     @classmethod
     def from_terms(
@@ -76,6 +78,8 @@ class CrossModalLoss(nn.Module):
     family: ClassVar[LossFamily]
     #: losses that need class labels (softmax cross-entropy, center loss, ArcFace) set this.
     needs_classes: ClassVar[bool] = False
+    #: margin losses, where a zero term means no gradient: the collapse alarm watches their active fraction
+    active_means_gradient: ClassVar[bool] = False
     #: how embeddings are compared: in the loss, in evaluation and in search (a loss whose settings
     #: change it, e.g. ``squared``, sets it in ``__init__``)
     distance: Distance = L2

@@ -26,6 +26,7 @@ class CircleLoss(CrossModalLoss):
     """Self-paced weighting of each similarity toward its own optimum (``m``: relaxation, ``gamma``: scale)."""
 
     family = LossFamily.PAIR
+    active_means_gradient = True
     distance = COSINE
 
     def __init__(self, m: NonNegativeFloat = 0.4, gamma: PositiveFloat = 80.0) -> None:

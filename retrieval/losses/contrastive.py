@@ -35,6 +35,7 @@ class DoubleMarginContrastiveLoss(CrossModalLoss):
     """``[d(a,p) - m_pos]_+`` over positive pairs and ``[m_neg - d(a,n)]_+`` over negative pairs."""
 
     family = LossFamily.PAIR
+    active_means_gradient = True
 
     def __init__(self, pos_margin: NonNegativeFloat = 0.5, neg_margin: PositiveFloat = 1.5,
                  normalize: bool = False) -> None:

@@ -27,6 +27,7 @@ class MultiSimilarityLoss(CrossModalLoss):
     """Soft-weighted positive and negative pairs, after the paper's hard-pair mining."""
 
     family = LossFamily.PAIR
+    active_means_gradient = True
     distance = COSINE
 
     def __init__(self, threshold: float = 0.5, epsilon: NonNegativeFloat = 0.1, alpha: PositiveFloat = 2.0,

@@ -50,6 +50,7 @@ class QuadrupletLoss(CrossModalLoss):
     """Triplet term with margin ``m1`` plus the negative-pair term with margin ``m2`` (< ``m1``)."""
 
     family = LossFamily.TRIPLET
+    active_means_gradient = True
 
     def __init__(self, margin: NonNegativeFloat = 1.0, second_margin: NonNegativeFloat = 0.5,
                  squared: bool = False) -> None:

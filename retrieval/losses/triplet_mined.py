@@ -30,6 +30,7 @@ class MinedTripletLoss(CrossModalLoss):
     """``[d(f_a, t_p) - d(f_a, t_n) + m]_+`` averaged over mined triplets with non-zero loss."""
 
     family = LossFamily.TRIPLET
+    active_means_gradient = True
 
     def __init__(self, margin: NonNegativeFloat = 1.0, mining: Annotated[str, CheckedBy(triplet_type)] = "all",
                  squared: bool = False) -> None:

@@ -45,6 +45,7 @@ class OfflineBankTripletLoss(CrossModalLoss):
     """``[m + d(f(i), t+) - d(f(i), t-)]_+`` with ``t-`` drawn from ``t+``'s far-caption bank."""
 
     family = LossFamily.TRIPLET
+    active_means_gradient = True
 
     def __init__(
         self,
