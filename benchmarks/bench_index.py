@@ -190,7 +190,8 @@ def bench_auto_case(data: str, n: int, args: argparse.Namespace) -> dict[str, An
     del exact
     return {"data": data, "n": n, "dim": args.dim, "kind": info["kind"], "params": info["params"],
             "held_out_recall@10": info["recall@10"], "min_recall": info["min_recall"],
-            "tuning_trials": len(info["trials"]), "build_s": round(build_s, 1),
+            "tuning_trials": len(info["trials"]), "candidates": info.get("candidates", []),
+            "build_s": round(build_s, 1),
             "peak_rss_mb": round(peak_rss / 1e6), "rss_before_build_mb": round(rss_before / 1e6),
             "estimated_index_mb": round(info["estimated_memory"] / 1e6),
             "max_memory_mb": round(info["max_memory"] / 1e6),
