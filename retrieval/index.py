@@ -352,7 +352,8 @@ class AutoKind(IndexKind):
     than AUTO_HNSW_MIN_DISTANCES distances per query and more than AUTO_HNSW_MIN_SCANNED of the
     collection (isotropic or high-intrinsic-dimension data, where IVF needs a large nprobe), there
     are at most AUTO_HNSW_MAX vectors and the IVF and an HNSW index fit ``max_memory`` together,
-    an IndexHNSWFlat is built too and efSearch rises from 1 until ``min_recall`` is met. HNSW is
+    an IndexHNSWFlat is built too and efSearch rises from 1 until ``min_recall`` is met (measured on a
+    graph without the held-out vectors, then the graph over every vector is built). HNSW is
     kept when it meets ``min_recall`` and its distances per query, counted by faiss on the
     held-out queries and weighted by HNSW_DISTANCE_COST, are fewer than the IVF's (list
     distances plus the nlist coarse ones); else the IVF is kept.
