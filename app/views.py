@@ -8,9 +8,9 @@ an image or an emphasis in it is shown as typed, not rendered (and no remote ima
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import streamlit as st
 from PIL import Image, ImageOps
@@ -57,9 +57,9 @@ def similarity_note(kind: str) -> str:
     return f"Numbers are similarities, higher is better: the {SIMILARITIES.get(kind, kind)}."
 
 
-def tile(path: str, pixels: int = TILE_PIXELS) -> Image.Image:
+def tile(jpeg: bytes, pixels: int = TILE_PIXELS) -> Image.Image:
     """A thumbnail centre-cropped to a ``pixels`` square, so every cell of the grid has the same size."""
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(jpeg)) as image:
         return ImageOps.fit(image.convert("RGB"), (pixels, pixels))
 
 
@@ -69,7 +69,7 @@ def image_grid(hits: Sequence[ImageHit], columns: int = GRID_COLUMNS) -> None:
         cells = st.columns(columns)
         for rank, (cell, hit) in enumerate(zip(cells, hits[start:start + columns]), start + 1):
             with cell:
-                if hit.thumbnail and Path(hit.thumbnail).is_file():
+                if hit.thumbnail:
                     st.image(tile(hit.thumbnail), width="stretch")
                 else:
                     st.caption(f"(no thumbnail for {literal(hit.key)})")

@@ -7,7 +7,10 @@ queries on images the model never trained on. Running it again replaces the demo
 from __future__ import annotations
 
 import argparse
+import io
 import time
+
+from PIL import Image
 
 from pipelines.common import add_config_args, config_from_args
 from retrieval.config import Config
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     for query in EXAMPLE_QUERIES + tuple(args.query or ()):
         print(text_query_results(searcher, query, 3))
     example = searcher.images.metadata_for([0])[0]
-    print(image_query_results(searcher, searcher.index_dir.file(example["thumbnail"]), 3))
+    picture = Image.open(io.BytesIO(searcher.thumbnail(example["key"])))
+    print(image_query_results(searcher, picture, 3, name=f"the thumbnail of held-out image {example['key']}"))
     print(f"\n(true captions of that image: {example['captions'][0]!r})")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; run directory {result.run_dir}")
     print(f"search it again: retrieval search --run {result.run_dir} --checkpoint last.pt --text \"a dog\"")

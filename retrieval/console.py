@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
+
 from retrieval.search import Searcher
 
 
@@ -27,10 +29,10 @@ def text_query_results(searcher: Searcher, query: str, k: int) -> str:
     return "\n".join(lines)
 
 
-def image_query_results(searcher: Searcher, image: str | Path, k: int) -> str:
-    """The nearest captions of the collection and the nearest words of an image file."""
+def image_query_results(searcher: Searcher, image: str | Path | Image.Image, k: int, name: str | None = None) -> str:
+    """The nearest captions of the collection and the nearest words of an image (a file, or a picture ``name``d)."""
     found = searcher.image_to_text(image, k)
-    lines = [f"image → text: {image}", "  nearest captions of the collection:"]
+    lines = [f"image → text: {name or image}", "  nearest captions of the collection:"]
     lines += [f"    {rank}. {hit.text}  ({hit.score:.3f})" for rank, hit in enumerate(found.captions, 1)]
     lines.append("  nearest words: " + ", ".join(f"{hit.text} ({hit.score:.2f})" for hit in found.words))
     return "\n".join(lines)

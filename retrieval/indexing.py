@@ -23,16 +23,15 @@ from retrieval.embedding_shards import EmbeddingDir, iter_embedding_shards
 from retrieval.errors import DataError
 from retrieval.index import VectorIndex
 from retrieval.io import atomic_dir
-from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
+from retrieval.rundir import BEST_CHECKPOINT, THUMBNAILS_DIR, IndexDir, RunDir, index_stamp
 from retrieval.text import tokenize
-from retrieval.thumbnails import ThumbnailReader, thumbnail_jpeg
+from retrieval.thumbnails import ThumbnailReader, ThumbnailTarWriter, thumbnail_jpeg
 
 
-def write_thumbnail(sample: Sample, out_dir: IndexDir) -> str:
-    """Save a small JPEG of ``sample`` in the thumbnails of ``out_dir``; returns its path relative to ``out_dir``."""
-    relative = out_dir.thumbnail_name(sample.key)
-    out_dir.file(relative).write_bytes(thumbnail_jpeg(sample.image))
-    return relative
+def thumbnail_names(writer: ThumbnailTarWriter) -> dict[str, str]:
+    """key → the tar holding its thumbnail, relative to the index folder (as the metadata stores it)."""
+    writer.flush()
+    return {key: f"{THUMBNAILS_DIR}/{name}" for key, name in writer.tar_of.items()}
 
 
 def caption_vocabulary(captions: list[str], caption_vectors: np.ndarray, caption_encoder) -> dict:
@@ -62,17 +61,15 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
         kind = model.config.index.params
     with atomic_dir(out_dir) as tmp:
         staged = IndexDir(tmp)
-        thumbs: dict[str, str] = {}
+        writer = ThumbnailTarWriter(staged.thumbnails) if thumbnails else None
 
         def save_thumbnail(sample: Sample) -> None:  # during the one pass over the shards
-            thumbs[sample.key] = write_thumbnail(sample, staged)
+            writer.add(sample.key, thumbnail_jpeg(sample.image))
 
-        if thumbnails:
-            staged.thumbnails.mkdir()
         collection = encode_shards(shards, model.embed_images, transform, device=device, desc="embedding images",
                                    visit=save_thumbnail if thumbnails else None, handler=error_handler(skipped))
         write_index_files(staged, model, distance, kind, stamp, collection.vectors.numpy(), collection.keys,
-                          collection.captions, collection.meta, thumbs)
+                          collection.captions, collection.meta, thumbnail_names(writer) if writer else {})
     if skipped is not None:
         tqdm.write(f"data.on_error=skip: {skipped_summary(skipped.counts())}")
     return out_dir
@@ -120,13 +117,13 @@ def build_index_from_embeddings(model: LoadedModel, embeddings: str | Path, out_
     with atomic_dir(out_dir) as tmp:
         staged = IndexDir(tmp)
         thumbs: dict[str, str] = {}
-        if reader is not None:
-            staged.thumbnails.mkdir()
+        if reader is not None:  # regrouped in the index's row order, as an index built from the shards has them
+            writer = ThumbnailTarWriter(staged.thumbnails)
             for key in keys:
                 data = reader.get(key)
                 if data is not None:
-                    thumbs[key] = staged.thumbnail_name(key)
-                    staged.file(thumbs[key]).write_bytes(data)
+                    writer.add(key, data)
+            thumbs = thumbnail_names(writer)
         dim = int(summary.get("dim") or model.caption_encoder.dim)
         write_index_files(staged, model, distance, kind, stamp,
                           np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),

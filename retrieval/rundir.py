@@ -21,7 +21,8 @@ An index folder (written by :mod:`retrieval.indexing`, read by :mod:`retrieval.s
 
     images/           vector index of the image embeddings, with the stamp of the model that made them
     captions/         vector index of the collection's caption vectors (for image→text)
-    thumbnails/       small JPEGs for the UI, <key>.jpg
+    thumbnails/       small JPEGs for the UI in a few tars, thumbs_NNNNNN.tar (+ .json offset tables;
+                      see :mod:`retrieval.thumbnails`); indexes from before hold <key>.jpg files
     vocabulary.json   content words of the captions and their mean vector (for nearest words)
 
 A vector index folder (``images/``, ``captions/``; see :class:`retrieval.index.VectorIndex`) holds
@@ -112,11 +113,6 @@ class IndexDir(_Folder):
     def stamp_file(self) -> Path:
         """The stamp of the image index: which checkpoint and text side built this index."""
         return self.images / STAMP_FILE
-
-    @staticmethod
-    def thumbnail_name(key: str) -> str:
-        """Where the thumbnail of image ``key`` lies, relative to the index folder (as the metadata stores it)."""
-        return f"{THUMBNAILS_DIR}/{key}{THUMBNAIL_SUFFIX}"
 
     def file(self, relative: str) -> Path:
         """A file named relative to the index folder (a thumbnail of the metadata)."""

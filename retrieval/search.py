@@ -32,6 +32,7 @@ from retrieval.errors import DataError
 from retrieval.imagefile import open_image
 from retrieval.index import SearchResult, VectorIndex
 from retrieval.rundir import BEST_CHECKPOINT, IndexDir, RunDir, index_stamp
+from retrieval.thumbnails import THUMBNAIL_SUFFIX, ThumbnailReader
 
 COSINE_SIMILARITY, INNER_PRODUCT, NEGATIVE_L2 = "cosine", "inner product", "negative L2 distance"
 #: what a hit's ``similarity`` is, by name
@@ -45,13 +46,14 @@ UNIT_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class ImageHit:
-    """One image result: its key, score (the index's; higher is better), captions, thumbnail file and
-    similarity (higher is better, see :data:`SIMILARITIES`; None when not worked out)."""
+    """One image result: its key, score (the index's; higher is better), captions, thumbnail JPEG bytes
+    (None when the index has none) and similarity (higher is better, see :data:`SIMILARITIES`; None when
+    not worked out)."""
 
     key: str
     score: float
     captions: list[str]
-    thumbnail: str | None
+    thumbnail: bytes | None
     similarity: float | None = None
 
 
@@ -81,6 +83,8 @@ class Searcher:
         self.images = images
         self.captions = captions
         self.index_dir = IndexDir(index_dir)
+        self._thumbnails: ThumbnailReader | None = None  # opened at the first thumbnail asked for
+        self._thumbnail_lock = threading.Lock()
         # what the index build compared by: the loss's distance, unless the run's index.metric names another
         self.distance = search_distance(model.loss.distance, model.config.index.metric)
         if images.metric != self.distance.faiss_metric:
@@ -178,11 +182,27 @@ class Searcher:
         result = self._search(self.images, query, k)
         hits = []
         for score, item in zip(result.scores[0], self.images.metadata_for(result.ids[0])):
-            thumbnail = item.get("thumbnail")
             hits.append(ImageHit(item["key"], float(score), list(item.get("captions", [])),
-                                 str(self.index_dir.file(thumbnail)) if thumbnail else None,
+                                 self._thumbnail_of(item),
                                  self._similarity(self.image_similarity, query[0], float(score))))
         return hits
+
+    def thumbnail(self, key: str) -> bytes | None:
+        """The JPEG thumbnail of image ``key`` (None when the index has none for it)."""
+        return self._thumbnail_of({"key": key})
+
+    def _thumbnail_of(self, item: dict) -> bytes | None:
+        if self._thumbnails is None:
+            with self._thumbnail_lock:
+                if self._thumbnails is None:
+                    self._thumbnails = ThumbnailReader(self.index_dir.thumbnails)
+        found = self._thumbnails.get(str(item["key"]))
+        legacy = item.get("thumbnail")  # an index from before the tars: one <key>.jpg file per image
+        if found is None and isinstance(legacy, str) and legacy.endswith(THUMBNAIL_SUFFIX):
+            path = self.index_dir.file(legacy)
+            if path.resolve().parent == self.index_dir.thumbnails.resolve() and path.is_file():
+                return path.read_bytes()
+        return found
 
     def text_to_image(self, query: str, k: int = 5) -> list[ImageHit]:
         """Top-k images for a caption-like query or word arithmetic (``"dog - grass + snow"``)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -252,6 +252,16 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
     @app.get("/info")
     def info() -> dict[str, Any]:
         return describe(searcher, limits)
+
+    @app.get("/thumbnail/{key}")
+    def thumbnail(key: str) -> Response:
+        """The JPEG thumbnail of an image of the index, by the key a search answered."""
+        if len(key) > limits.max_query_chars:
+            raise RequestRefused(f"key is {len(key):,} characters long; the limit is {limits.max_query_chars:,}")
+        data = searcher.thumbnail(key)
+        if data is None:
+            raise RequestRefused(f"no thumbnail for {one_line(key)!r}", 404)
+        return Response(content=data, media_type="image/jpeg")
 
     @app.post("/search/text")
     async def text_to_image(request: Request) -> dict[str, Any]:

@@ -65,6 +65,31 @@ def write_thumbnail_tar(path: str | os.PathLike, thumbnails: Iterable[tuple[str,
     return offsets
 
 
+class ThumbnailTarWriter:
+    """Thumbnails written as they come into tars of ``per_tar`` each (``thumbs_000000.tar``, …), so a
+    collection of any size needs a few files and at most one tar's thumbnails in memory."""
+
+    def __init__(self, folder: str | os.PathLike, per_tar: int = 4096) -> None:
+        self.folder, self.per_tar = Path(folder), per_tar
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._pending: list[tuple[str, bytes]] = []
+        self._written = 0
+        self.tar_of: dict[str, str] = {}  # key → the file name of the tar that holds it
+
+    def add(self, key: str, data: bytes) -> None:
+        self._pending.append((key, data))
+        if len(self._pending) >= self.per_tar:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        path = thumbnail_tar_path(self.folder, f"{self._written:06d}")
+        write_thumbnail_tar(path, self._pending)
+        self.tar_of.update((key, path.name) for key, _ in self._pending)
+        self._pending, self._written = [], self._written + 1
+
+
 def scan_tar_offsets(path: str | os.PathLike) -> dict[str, list[int]]:
     """key → [data offset, size] of every ``<key>.jpg`` member of a tar, from its headers alone."""
     try:

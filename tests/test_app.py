@@ -22,6 +22,7 @@ from retrieval.indexing import build_index
 from retrieval.rundir import IndexDir, RunDir
 
 APP_FILE = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+SAMPLE_PHOTO = sorted((Path(__file__).resolve().parents[1] / "data" / "coco-mini" / "images").glob("*.jpg"))[0]
 TIMEOUT = 60  # the first run loads the checkpoint and 400k word vectors
 INJECTION = "[click](http://example.invalid) ![x](http://example.invalid/x.png) **bold**"
 MARKDOWN = MarkdownIt("commonmark").enable(["table", "strikethrough"])  # CommonMark + GFM tables, like st.markdown
@@ -93,7 +94,7 @@ def test_example_button_fills_the_query(app):
 
 
 def test_upload_shows_captions_words_and_similar_photos(app, app_index):
-    photo = next(IndexDir(app_index).thumbnails.iterdir())
+    photo = SAMPLE_PHOTO
     app.slider(key="k").set_value(4).run()
     app.file_uploader(key="upload").set_value((photo.name, photo.read_bytes(), "image/jpeg")).run()
     assert not app.exception and not app.error
@@ -147,7 +148,7 @@ def test_markdown_echoed_in_an_error_is_shown_as_typed(app):
 
 
 def test_markdown_in_the_words_box_and_the_file_name_is_shown_as_typed(app, app_index):
-    photo = next((app_index / "thumbnails").iterdir())
+    photo = SAMPLE_PHOTO
     name = "[x](http://example.invalid) ![y](http://example.invalid/y.png).jpg"
     app.slider(key="k").set_value(3).run()
     app.file_uploader(key="upload").set_value((name, photo.read_bytes(), "image/jpeg")).run()
@@ -283,5 +284,5 @@ def test_thumbnails_are_shown_as_tiles_of_one_size(tmp_path):
     sizes = set()
     for name, size in (("wide.jpg", (320, 120)), ("tall.jpg", (90, 300)), ("small.png", (40, 40))):
         Image.new("RGB", size, "red").save(tmp_path / name)
-        sizes.add(tile(str(tmp_path / name)).size)
+        sizes.add(tile((tmp_path / name).read_bytes()).size)
     assert sizes == {(TILE_PIXELS, TILE_PIXELS)}

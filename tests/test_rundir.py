@@ -6,6 +6,7 @@ import json
 
 from retrieval.checkpoint import file_fingerprint
 from retrieval.rundir import IndexDir, RunDir, index_stamp
+from retrieval.thumbnails import ThumbnailReader
 
 
 def test_run_folder_holds_what_training_wrote(trained_run):
@@ -31,9 +32,11 @@ def test_index_folder_holds_what_indexing_wrote(trained_run, tmp_path):
     assert index.model_fingerprint() == file_fingerprint(trained_run.best_checkpoint)
     assert json.loads(index.vocabulary_file.read_text())["words"]
     items = VectorIndex.load(index.images).metadata_for(range(3))
-    assert [item["thumbnail"] for item in items] == [index.thumbnail_name(item["key"]) for item in items]
-    assert all(index.file(item["thumbnail"]).parent == index.thumbnails for item in items)
-    assert all(index.file(item["thumbnail"]).is_file() for item in items)
+    # thumbnails in a few tars (here one), each item naming the tar that holds it
+    assert [item["thumbnail"] for item in items] == ["thumbnails/thumbs_000000.tar"] * 3
+    assert sorted(p.name for p in index.thumbnails.iterdir()) == ["thumbs_000000.json", "thumbs_000000.tar"]
+    reader = ThumbnailReader(index.thumbnails)
+    assert all(reader.get(item["key"])[:2] == b"\xff\xd8" for item in items)  # JPEG data
     assert len(VectorIndex.load(index.captions)) >= len(items)
 
 

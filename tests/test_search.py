@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import LossConfig
@@ -47,16 +49,21 @@ def test_text_to_image_equals_brute_force(searcher):
     assert all(h.thumbnail and h.captions for h in hits)
 
 
+def thumbnail_picture(searcher, key):
+    """The index's own thumbnail of an image, as a picture to query with."""
+    return Image.open(io.BytesIO(searcher.thumbnail(key)))
+
+
 def test_image_to_text_returns_captions_and_words(searcher):
     first = searcher.images.metadata_for([0])[0]
-    found = searcher.image_to_text(searcher.index_dir.file(first["thumbnail"]), k=4)
+    found = searcher.image_to_text(thumbnail_picture(searcher, first["key"]), k=4)
     assert len(found.captions) == 4 and len(found.words) == 4
     assert all(isinstance(hit.text, str) and hit.text for hit in found.captions + found.words)
 
 
 def test_image_to_image_finds_itself_first(searcher):
     first = searcher.images.metadata_for([0])[0]
-    assert searcher.image_to_image(searcher.index_dir.file(first["thumbnail"]), k=1)[0].key == first["key"]
+    assert searcher.image_to_image(thumbnail_picture(searcher, first["key"]), k=1)[0].key == first["key"]
 
 
 def test_word_arithmetic_is_the_signed_sum(searcher):
@@ -179,7 +186,7 @@ def test_search_reads_queries_with_the_parser_grammar(searcher, query, terms):
 
 def test_image_plus_text_moves_the_image_by_the_parsed_words(searcher):
     first = searcher.images.metadata_for([0])[0]
-    image = searcher.index_dir.file(first["thumbnail"])
+    image = thumbnail_picture(searcher, first["key"])
     moved = searcher.image_vector(image) + searcher.text_vector("snow - grass")
     expected = [hit.key for hit in searcher.images_near(moved, 4)]
     for words in ("+ snow - grass", "snow -grass", "\uff0bsnow\u2212grass"):

@@ -108,6 +108,15 @@ def test_image_to_image_and_image_moved_by_words_equal_the_in_process_search(cli
                      "images": [image_hit(hit) for hit in searcher.image_plus_text(image, "+ snow - grass", 6)]}
 
 
+def test_thumbnails_are_served_by_key(client, searcher):
+    hit = searcher.text_to_image("a red bus", 1)[0]
+    response = client.get(f"/thumbnail/{hit.key}")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.content == hit.thumbnail and response.content[:2] == b"\xff\xd8"
+    assert refused(client.get("/thumbnail/no-such-image"), 404) == "no thumbnail for 'no-such-image'"
+    assert "characters long" in refused(client.get("/thumbnail/" + "x" * 5000), 400)
+
+
 def test_similarity_is_the_cosine_of_query_and_item(searcher):
     """Brute force: the cosine of the query vector and each stored image vector, whatever the query's length."""
     stored = searcher.images._index.reconstruct_n(0, len(searcher.images))  # a flat index keeps the vectors
