@@ -2,7 +2,7 @@
 
 Precedence: ``streamlit run app/streamlit_app.py -- --run R --index I --checkpoint C --runs-root D
 --max-upload-pixels N`` beats the environment variables ``RETRIEVAL_RUN``, ``RETRIEVAL_INDEX``,
-``RETRIEVAL_CHECKPOINT``, ``RETRIEVAL_RUNS_ROOT`` and ``RETRIEVAL_MAX_UPLOAD_PIXELS``, which beat the
+``RETRIEVAL_CHECKPOINT``, ``RETRIEVAL_RUNS_ROOT``, ``RETRIEVAL_MAX_UPLOAD_PIXELS`` and ``RETRIEVAL_API``, which beat the
 defaults (``runs/demo``, ``<run>/index``, the checkpoint that built that index, the folder holding
 the run, 40 megapixels).
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.checkpoint import file_fingerprint
+from retrieval.client import check_api_url
 from retrieval.imagefile import check_pixel_limit
 from retrieval.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, IndexDir, RunDir, RunsRoot
 
@@ -26,6 +27,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = Path("runs/demo")
 ENV_RUN, ENV_INDEX, ENV_CHECKPOINT = "RETRIEVAL_RUN", "RETRIEVAL_INDEX", "RETRIEVAL_CHECKPOINT"
 ENV_RUNS_ROOT, ENV_MAX_UPLOAD_PIXELS = "RETRIEVAL_RUNS_ROOT", "RETRIEVAL_MAX_UPLOAD_PIXELS"
+ENV_API = "RETRIEVAL_API"
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
 CHECKPOINT_PREFERENCE = (BEST_CHECKPOINT, LAST_CHECKPOINT)
 
@@ -40,6 +42,7 @@ class AppSettings:
     checkpoint: str | None = None
     runs_root: Path | None = None
     max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS
+    api: str | None = None  # a running `retrieval serve` to send the queries to, instead of opening the index
 
     @property
     def root(self) -> RunsRoot:
@@ -58,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
                          help="folder of runs: the app opens nothing outside it (default: the folder holding --run)")
     options.add_argument("--max-upload-pixels",
                          help=f"largest upload decoded, width × height (default: {DEFAULT_MAX_UPLOAD_PIXELS:,})")
+    options.add_argument("--api", help="URL of a running `retrieval serve`: queries go there instead of to an "
+                                       "index opened in this process")
     return options
 
 
@@ -76,7 +81,9 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         max_pixels = check_pixel_limit(environ[ENV_MAX_UPLOAD_PIXELS], ENV_MAX_UPLOAD_PIXELS)
     else:
         max_pixels = DEFAULT_MAX_UPLOAD_PIXELS
-    return AppSettings(Path(run), Path(index) if index else None, checkpoint, runs_root, max_pixels)
+    api = args.api or environ.get(ENV_API) or None
+    return AppSettings(Path(run), Path(index) if index else None, checkpoint, runs_root, max_pixels,
+                       check_api_url(api, "--api" if args.api else ENV_API) if api else None)
 
 
 def _path(value: str | None) -> Path | None:

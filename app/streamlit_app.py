@@ -7,6 +7,9 @@ The run, index and checkpoint can also come from RETRIEVAL_RUN, RETRIEVAL_INDEX 
 RETRIEVAL_CHECKPOINT (see app/settings.py) and be changed in the sidebar, among the runs under the
 runs root (--runs-root, default: the folder holding the run); nothing outside it is opened.
 Uploads are decoded only up to --max-upload-pixels (default 40 megapixels).
+
+With --api URL (or RETRIEVAL_API) the app opens no index: every query goes to that running
+`retrieval serve` (retrieval/client.py), and the sidebar shows the model and index it serves.
 """
 
 from __future__ import annotations
@@ -23,7 +26,17 @@ import streamlit as st
 from PIL import Image
 
 from app.settings import AppSettings, checkpoint_file, default_checkpoint, find_checkpoints, find_indexes, load_settings
-from app.views import caption_list, image_grid, literal, model_card, show_error, similarity_note, word_list
+from app.views import (
+    caption_list,
+    image_grid,
+    literal,
+    model_card,
+    service_card,
+    show_error,
+    similarity_note,
+    word_list,
+)
+from retrieval.client import SearchClient
 from retrieval.errors import RetrievalError
 from retrieval.imagefile import open_image
 from retrieval.rundir import IndexDir, RunDir, RunsRoot
@@ -59,6 +72,19 @@ def load_searcher(checkpoint: str, index: str, version: tuple[float, ...]) -> Se
     except RetrievalError:
         pass
     return searcher
+
+
+@st.cache_resource(show_spinner="Connecting to the search API…", max_entries=4)
+def connect(url: str) -> SearchClient:
+    """One client per API URL, shared by every session (its /info is read once)."""
+    return SearchClient(url)
+
+
+Backend = Searcher | SearchClient  # in-process search, or the same queries sent to `retrieval serve`
+
+
+def collection_size(backend: Backend) -> int:
+    return backend.num_images if isinstance(backend, SearchClient) else len(backend.images)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -107,6 +133,22 @@ def choose_run(settings: AppSettings) -> tuple[RunDir | None, bool]:
     label = st.sidebar.selectbox("Run", labels, index=labels.index(start_label) if start_label in runs else 0,
                                  key="run", help=f"runs written by `retrieval train` under {literal(str(root))}")
     return runs[label], label == start_label
+
+
+def api_sidebar(settings: AppSettings) -> tuple[SearchClient | None, str, int]:
+    """The search API in use, k and the card of the model it serves."""
+    bar = st.sidebar
+    bar.title("retrieval")
+    try:
+        client = connect(settings.api)
+    except RetrievalError as error:
+        show_error(str(error))
+        return None, "", DEFAULT_K
+    size = client.num_images
+    k = bar.slider("Results (k)", 1, max(1, min(MAX_K, size)), max(1, min(DEFAULT_K, size)), key="k")
+    bar.subheader("Model")
+    bar.markdown(service_card(client.url, client.info))
+    return client, client.url, k
 
 
 def sidebar(settings: AppSettings) -> tuple[Searcher | None, str, int]:
@@ -165,7 +207,7 @@ def _use_example(text: str) -> None:
     st.session_state["query"] = text
 
 
-def text_search(searcher: Searcher, k: int) -> None:
+def text_search(searcher: Backend, k: int) -> None:
     """A text box; results as a thumbnail grid, errors as one line."""
     query = st.text_input("Describe a photo", key="query",
                           placeholder='a red bus on the street — or arithmetic such as "bus - red + yellow"')
@@ -187,7 +229,7 @@ def text_search(searcher: Searcher, k: int) -> None:
     image_grid(hits)
 
 
-def image_search(searcher: Searcher, searcher_id: str, k: int, max_pixels: int) -> None:
+def image_search(searcher: Backend, searcher_id: str, k: int, max_pixels: int) -> None:
     """An upload (at most ``max_pixels`` decoded): nearest captions and words, nearest images, and the image
     moved by words."""
     limit = f"Photos up to {max_pixels / 1e6:.3g} megapixels ({max_pixels:,} pixels) are decoded; larger are refused."
@@ -204,7 +246,15 @@ def image_search(searcher: Searcher, searcher_id: str, k: int, max_pixels: int) 
         show_error(str(error))
         return
     started = time.perf_counter()
-    described, similar = describe_image(searcher, searcher_id, data, k)
+    try:
+        if isinstance(searcher, SearchClient):
+            described, similar = searcher.image_to_text(data, upload.name, k), searcher.image_to_image(
+                data, upload.name, k)
+        else:
+            described, similar = describe_image(searcher, searcher_id, data, k)
+    except RetrievalError as error:
+        show_error(str(error))
+        return
     elapsed_ms = (time.perf_counter() - started) * 1000
     photo, text = st.columns([1, 2])
     photo.image(image, caption=literal(upload.name))
@@ -220,7 +270,8 @@ def image_search(searcher: Searcher, searcher_id: str, k: int, max_pixels: int) 
     if shift and shift.strip():
         st.subheader(f"The photo {literal(shift.strip())}")
         try:
-            image_grid(move_image(searcher, searcher_id, data, shift, k))
+            image_grid(searcher.image_to_image(data, upload.name, k, text=shift)
+                       if isinstance(searcher, SearchClient) else move_image(searcher, searcher_id, data, shift, k))
         except RetrievalError as error:
             show_error(str(error))
 
@@ -232,10 +283,10 @@ def main() -> None:
     except RetrievalError as error:
         show_error(str(error))
         return
-    searcher, searcher_id, k = sidebar(settings)
+    searcher, searcher_id, k = api_sidebar(settings) if settings.api else sidebar(settings)
     if searcher is None:
         return
-    st.caption(f"Search {len(searcher.images):,} photos by a description (word arithmetic allowed) "
+    st.caption(f"Search {collection_size(searcher):,} photos by a description (word arithmetic allowed) "
                "or by a photo of your own.")
     by_text, by_image = st.tabs(["Text → images", "Image → text and images"])
     with by_text:

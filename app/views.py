@@ -88,6 +88,22 @@ def word_list(hits: Sequence[TextHit]) -> None:
     st.text(" · ".join(f"{one_line(hit.text)} {shown_value(hit):.2f}" for hit in hits) or "no vocabulary")
 
 
+def service_card(url: str, info: dict) -> str:
+    """Markdown lines describing the model and index behind a search API (its ``GET /info``)."""
+    model, index = info.get("model", {}), info.get("index", {})
+    images, captions = index.get("images", {}), index.get("captions", {})
+    params = ", ".join(f"{name} {value}" for name, value in (images.get("search_params") or {}).items())
+    return "\n".join([
+        f"- **search API**: {literal(url)}",
+        f"- **backbone**: {literal(str(model.get('backbone')))} + {literal(str(model.get('projection')))} projection",
+        f"- **word vectors**: {literal(str(model.get('text_vectors')))}, {model.get('text_dim')}-d",
+        f"- **loss**: {literal(str(model.get('loss')))}, epoch {model.get('epoch')}",
+        f"- **index**: {literal(str(images.get('kind')))}{f' ({literal(params)})' if params else ''}, "
+        f"{literal(str(images.get('metric')))}, {images.get('count', 0):,} images, {captions.get('count', 0):,} "
+        f"captions, {index.get('words', 0):,} words",
+    ])
+
+
 def model_card(searcher: Searcher, checkpoint: str) -> str:
     """Markdown lines describing the model, word vectors, loss and index in use."""
     config = searcher.model.config

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipelines.common import PROJECT_ROOT
+from retrieval.client import check_api_url
 from retrieval.errors import ConfigError, DataError
 from retrieval.imagefile import check_pixel_limit
 from retrieval.rundir import IndexDir, RunDir, RunsRoot
@@ -29,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                        "it (default: the folder holding --run)")
     parser.add_argument("--max-upload-pixels", help="largest upload the app decodes, width × height "
                                                     "(default: 40000000)")
+    parser.add_argument("--api", help="URL of a running `retrieval serve`: the app sends its queries there and "
+                                      "opens no run or index itself")
     return parser.parse_args(argv)
 
 
@@ -37,6 +40,16 @@ def check_paths(args: argparse.Namespace) -> None:
     or a bad pixel cap before starting the server."""
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: a port is a number from 1 to 65535")
+    if args.api is not None:
+        given = [f"--{name.replace('_', '-')}" for name in ("index", "checkpoint", "runs_root")
+                 if getattr(args, name) is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: with --api the service chooses its index and checkpoint; "
+                              "give them to `retrieval serve` instead")
+        check_api_url(args.api)
+        if args.max_upload_pixels is not None:
+            check_pixel_limit(args.max_upload_pixels, "--max-upload-pixels")
+        return
     if not args.run.is_dir():
         raise DataError(f"run directory {args.run} does not exist; run `retrieval demo` first "
                         "(or pass --run DIR)")
@@ -75,6 +88,8 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
         command += ["--runs-root", str(args.runs_root)]
     if args.max_upload_pixels is not None:
         command += ["--max-upload-pixels", str(args.max_upload_pixels)]
+    if args.api:
+        command += ["--api", args.api]
     return command
 
 
@@ -103,5 +118,6 @@ def serve(command: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_paths(args)
-    print(f"opening the app on {args.run} at http://{args.address}:{args.port} (Ctrl-C stops it)", flush=True)
+    searched = f"the search API {args.api}" if args.api else args.run
+    print(f"opening the app on {searched} at http://{args.address}:{args.port} (Ctrl-C stops it)", flush=True)
     return serve(streamlit_command(args))
