@@ -98,6 +98,7 @@ def test_an_address_that_is_no_http_url_is_refused(url):
         SearchClient(url)
 
 
+@pytest.mark.slow
 def test_the_app_searches_through_the_api(api_url, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_API", api_url)
     app = AppTest.from_file(str(APP_FILE), default_timeout=60)
@@ -111,6 +112,7 @@ def test_the_app_searches_through_the_api(api_url, monkeypatch):
     assert not app.exception and not app.error
 
 
+@pytest.mark.slow
 def test_the_app_says_in_one_line_when_the_api_is_down(monkeypatch):
     monkeypatch.setenv("RETRIEVAL_API", f"http://127.0.0.1:{free_port()}")
     app = AppTest.from_file(str(APP_FILE), default_timeout=60)

@@ -74,6 +74,7 @@ def test_the_demo_run_logs_both_signals_and_the_alarm_stays_silent(trained_run):
     assert all(float(row["dimension_variance"]) > 0 for row in rows)
 
 
+@pytest.mark.slow
 def test_a_run_whose_embeddings_fall_together_raises_the_spread_alarm(sample_shards, tmp_path, capsys):
     # decoupled weight decay of lr × weight_decay = 1 wipes the projection at every step: all outputs near 0
     result = fit(demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.epochs=5", "train.eval_every=5",
@@ -83,6 +84,7 @@ def test_a_run_whose_embeddings_fall_together_raises_the_spread_alarm(sample_sha
     assert result.warnings[0] in capsys.readouterr().out.splitlines()
 
 
+@pytest.mark.slow
 def test_a_run_without_active_triplets_raises_the_active_alarm(sample_shards, tmp_path):
     # no margin and the farthest caption as the negative: almost no triplet is violated
     result = fit(demo_config(tmp_path, f"data.shard_dir={sample_shards}", "train.epochs=12", "train.eval_every=12",
