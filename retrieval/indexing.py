@@ -6,7 +6,7 @@ The index folder (its layout: :class:`retrieval.rundir.IndexDir`) is written ato
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from retrieval.distances import search_distance
 from retrieval.embed import encode_shards, eval_transform, known_captions
 from retrieval.embedding_shards import EmbeddingDir, iter_embedding_shards
 from retrieval.errors import DataError
-from retrieval.index import VectorIndex
+from retrieval.index import VectorIndex, build_index_from_chunks
 from retrieval.io import atomic_dir
 from retrieval.rundir import BEST_CHECKPOINT, THUMBNAILS_DIR, IndexDir, RunDir, index_stamp
 from retrieval.text import tokenize
@@ -75,16 +75,38 @@ def build_index(model: LoadedModel, shards: Sequence[str], out_dir: str | Path, 
     return out_dir
 
 
-def write_index_files(staged: IndexDir, model: LoadedModel, distance, kind, stamp: dict, vectors: np.ndarray,
-                      keys: list[str], captions: list[list[str]], meta: list[dict], thumbs: dict[str, str]) -> None:
-    """The image and caption indexes and the vocabulary of a collection's embeddings (rows of ``keys``)."""
+class EmbeddingChunks:
+    """The embeddings of a finished embedding folder, one float32 shard at a time, as often as iterated
+    (what :func:`~retrieval.index.build_index_from_chunks` reads twice)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = folder
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for _, vectors, _ in iter_embedding_shards(self.folder):
+            yield np.asarray(vectors, dtype=np.float32)
+
+
+def write_index_files(staged: IndexDir, model: LoadedModel, distance, kind, stamp: dict,
+                      vectors: np.ndarray | EmbeddingChunks, keys: list[str], captions: list[list[str]],
+                      meta: list[dict], thumbs: dict[str, str]) -> None:
+    """The image and caption indexes and the vocabulary of a collection's embeddings (rows of ``keys``).
+
+    ``vectors``: one array, or :class:`EmbeddingChunks`, which are indexed shard by shard (the coarse
+    quantizer trains on a sample) without holding them all.
+    """
     texts, caption_vectors, owner, _ = known_captions(captions, model.caption_encoder.encode_batch)
-    image_vectors = distance.to_search_space(np.asarray(vectors, dtype=np.float32))
     caption_vectors = distance.to_search_space(caption_vectors.astype(np.float32))
     metadata = [{"key": key, "captions": item_captions, "thumbnail": thumbs.get(key), "meta": item_meta}
                 for key, item_captions, item_meta in zip(keys, captions, meta)]
-    VectorIndex.build(image_vectors, metadata, kind=kind, metric=distance.faiss_metric,
-                      stamp=stamp).save(staged.images)
+    if isinstance(vectors, EmbeddingChunks):
+        chunks = _SearchSpaceChunks(vectors, distance)
+        build_index_from_chunks(chunks, len(keys), model.caption_encoder.dim, metadata, kind=kind,
+                                metric=distance.faiss_metric, stamp=stamp).save(staged.images)
+    else:
+        image_vectors = distance.to_search_space(np.asarray(vectors, dtype=np.float32))
+        VectorIndex.build(image_vectors, metadata, kind=kind, metric=distance.faiss_metric,
+                          stamp=stamp).save(staged.images)
     caption_meta = [{"caption": text, "key": keys[i]} for text, i in zip(texts, owner)]
     VectorIndex.build(caption_vectors, caption_meta, kind=kind, metric=distance.faiss_metric,  # the same rules
                       stamp=stamp).save(staged.captions)
@@ -107,9 +129,8 @@ def build_index_from_embeddings(model: LoadedModel, embeddings: str | Path, out_
     distance = search_distance(model.loss.distance, metric)
     if kind in (None, model.config.index.kind):
         kind = model.config.index.params
-    vectors, keys, captions, meta = [], [], [], []
-    for _, shard_vectors, rows in iter_embedding_shards(embeddings):
-        vectors.append(np.asarray(shard_vectors, dtype=np.float32))
+    keys, captions, meta = [], [], []
+    for _, _, rows in iter_embedding_shards(embeddings):  # the embeddings stay on disk (memory-mapped)
         keys += [row["key"] for row in rows]
         captions += [list(row["captions"]) for row in rows]
         meta += [row["meta"] for row in rows]
@@ -124,11 +145,20 @@ def build_index_from_embeddings(model: LoadedModel, embeddings: str | Path, out_
                 if data is not None:
                     writer.add(key, data)
             thumbs = thumbnail_names(writer)
-        dim = int(summary.get("dim") or model.caption_encoder.dim)
-        write_index_files(staged, model, distance, kind, stamp,
-                          np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
-                          keys, captions, meta, thumbs)
+        write_index_files(staged, model, distance, kind, stamp, EmbeddingChunks(embeddings), keys, captions, meta,
+                          thumbs)
     return out_dir
+
+
+class _SearchSpaceChunks:
+    """Chunks mapped into a distance's search space, re-iterable like the chunks they map."""
+
+    def __init__(self, chunks: EmbeddingChunks, distance) -> None:
+        self.chunks, self.distance = chunks, distance
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for chunk in self.chunks:
+            yield self.distance.to_search_space(chunk)
 
 
 def index_run(run_dir: str | Path, *, checkpoint: str = BEST_CHECKPOINT, split: str | None = None,
