@@ -54,3 +54,16 @@ def no_weight_downloads(tmp_path_factory):
         patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
         patch.setattr(torch.hub, "download_url_to_file", refuse)
         yield
+
+
+@pytest.fixture(scope="session")
+def searcher(trained_run, sample_shards, tmp_path_factory):
+    """The trained run's best checkpoint over an index of the held-out photos (the search API's tests)."""
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.data import list_shards
+    from retrieval.indexing import build_index
+    from retrieval.search import Searcher
+
+    model = load_checkpoint(trained_run.best_checkpoint)
+    index = build_index(model, list_shards(sample_shards, "val"), tmp_path_factory.mktemp("served") / "index")
+    return Searcher.open(trained_run.best_checkpoint, index)

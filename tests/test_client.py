@@ -11,11 +11,7 @@ import pytest
 import uvicorn
 from streamlit.testing.v1 import AppTest
 
-from retrieval.checkpoint import load_checkpoint
 from retrieval.client import SearchClient, ServiceError
-from retrieval.data import list_shards
-from retrieval.indexing import build_index
-from retrieval.search import Searcher
 from retrieval.serving import create_app
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +23,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def searcher(trained_run, sample_shards, tmp_path_factory) -> Searcher:
-    model = load_checkpoint(trained_run.best_checkpoint)
-    index = build_index(model, list_shards(sample_shards, "val"), tmp_path_factory.mktemp("client") / "index")
-    return Searcher.open(trained_run.best_checkpoint, index)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,6 @@ from retrieval.search import Searcher
 from retrieval.text import join_terms, parse_arithmetic
 
 
-@pytest.fixture(scope="module")
-def searcher(trained_run, sample_shards, tmp_path_factory):
-    model = load_checkpoint(trained_run.best_checkpoint)
-    out = build_index(model, list_shards(sample_shards, "val"), tmp_path_factory.mktemp("idx") / "index")
-    return Searcher.open(trained_run.best_checkpoint, out)
-
-
 def brute_force_keys(searcher: Searcher, query_vector: np.ndarray, k: int) -> list[str]:
     """Top-k keys by exact L2 distance over every indexed image embedding, computed from scratch."""
     from retrieval.data import iter_samples

@@ -16,25 +16,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pipelines.cli import main as cli_main
-from retrieval.checkpoint import load_checkpoint
-from retrieval.data import list_shards
-from retrieval.indexing import build_index
 from retrieval.rundir import RunDir
-from retrieval.search import COSINE_SIMILARITY, Searcher
+from retrieval.search import COSINE_SIMILARITY
 from retrieval.serving import ServeLimits, create_app, image_hit, text_hit
 
 SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "data" / "coco-mini" / "images"
 LIMITS = ServeLimits(max_body_bytes=400_000, max_pixels=1_000_000, max_k=20, max_query_chars=200)
 QUERIES = ["a red bus on the street", "a pizza on a table", "bus - red + yellow", "a man riding a skateboard",
            "dog - grass + snow", "people at a table with cake"]
-
-
-@pytest.fixture(scope="module")
-def searcher(trained_run, sample_shards, tmp_path_factory) -> Searcher:
-    """The trained run's best checkpoint over an index of the held-out photos."""
-    model = load_checkpoint(trained_run.best_checkpoint)
-    index = build_index(model, list_shards(sample_shards, "val"), tmp_path_factory.mktemp("serve") / "index")
-    return Searcher.open(trained_run.best_checkpoint, index)
 
 
 @pytest.fixture(scope="module")
