@@ -53,11 +53,13 @@ def same_images(remote, local) -> None:
     assert all(hit.thumbnail for hit in remote)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("query", ["a red bus on the street", "bus - red + yellow"])
 def test_text_queries_over_http_equal_the_in_process_search(client, searcher, query):
     same_images(client.text_to_image(query, 5), searcher.text_to_image(query, 5))
 
 
+@pytest.mark.slow
 def test_image_queries_over_http_equal_the_in_process_search(client, searcher):
     data = PHOTO.read_bytes()
     remote, local = client.image_to_text(data, PHOTO.name, 4), searcher.image_to_text(PHOTO, 4)

@@ -288,6 +288,7 @@ def test_stamp_records_the_choice_and_the_recall(tmp_path, monkeypatch):
     assert flat.kind == "flat" and flat.build_info["recall@10"] == 1.0 and flat.build_info["trials"] == []
 
 
+@pytest.mark.slow
 def test_ivf_pq_round_trip_and_code_size(tmp_path, small):
     base, queries = small
     index = VectorIndex.build(base, meta(0, 3_000), kind="ivf-pq", pq_m=10, nlist=20, nprobe=20, stamp=STAMP)

@@ -118,6 +118,7 @@ def test_shards_and_a_prepared_folder_together_are_refused_in_one_line(tmp_path)
     assert load_config(None, ["data.shards=somewhere/{0..3}.tar"]).data.shards == "somewhere/{0..3}.tar"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", [{"split_by": "split"}, {"split_by": "hash", "val_fraction": 0.3, "split_seed": 5}])
 def test_in_place_splits_hold_the_samples_of_a_prepared_copy(img2dataset_dir, tmp_path, split):
     copy = prepared(img2dataset_dir, tmp_path / "shards", **split)

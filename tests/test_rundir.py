@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from retrieval.checkpoint import file_fingerprint
 from retrieval.rundir import IndexDir, RunDir, index_stamp
 from retrieval.thumbnails import ThumbnailReader
@@ -18,6 +20,7 @@ def test_run_folder_holds_what_training_wrote(trained_run):
     assert RunDir(run) == run and IndexDir(run.index) == run.index  # either accepts a path-like of its kind
 
 
+@pytest.mark.slow
 def test_index_folder_holds_what_indexing_wrote(trained_run, tmp_path):
     from retrieval.checkpoint import load_checkpoint
     from retrieval.data import list_shards

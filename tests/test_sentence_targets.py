@@ -150,6 +150,7 @@ def test_packaged_dir_extracts_once(bert_dir: Path, tmp_path: Path, monkeypatch)
         packaged_minilm_dir(tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_fit_and_reload(bert_dir: Path, sample_shards: Path, tmp_path: Path) -> None:
     config = demo_config(tmp_path / "run", f"data.shard_dir={sample_shards}", "data.image_size=64",
                          "text.vectors=sentence-transformer", f"text.vectors_path={bert_dir}",

@@ -152,6 +152,7 @@ def test_caption_word2vec_is_deterministic():
     assert not np.array_equal(other_seed.vectors, first.vectors)
 
 
+@pytest.mark.slow
 def test_caption_word2vec_is_identical_in_another_process():
     """Python's salted str hash differs per process; the crc32 hashfxn must make that irrelevant."""
     here = vectors_fingerprint(train_caption_word2vec(CAPTIONS, vector_size=8, epochs=5))

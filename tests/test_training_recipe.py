@@ -39,6 +39,7 @@ def test_bf16_fine_tuning_runs_the_backbone_in_bf16_and_trains(sample_shards, tm
     assert set(fp32_seen) == {torch.float32}
 
 
+@pytest.mark.slow
 def test_the_logged_learning_rate_follows_warm_up_then_cosine(sample_shards, tmp_path):
     config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", *SMALL_CACHED, "train.epochs=3",
                          "train.batch_size=16",
@@ -52,6 +53,7 @@ def test_the_logged_learning_rate_follows_warm_up_then_cosine(sample_shards, tmp
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_accumulation_takes_one_optimizer_step_per_cycle_and_closes_each_epoch(sample_shards, tmp_path):
     config = demo_config(tmp_path, f"data.shard_dir={sample_shards}", *SMALL_CACHED, "train.epochs=2",
                          "train.batch_size=16",
